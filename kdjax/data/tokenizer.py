@@ -1,0 +1,178 @@
+"""Byte-level BPE tokenizer: trained with HF `tokenizers`, cached as a `tokenizer.json`.
+
+Byte-level means the base alphabet is the 256 byte values (GPT-2's printable remapping), so
+every Unicode string encodes without unknown tokens and `decode(encode(s)) == s` exactly: no
+normalizer, no prefix space, no whitespace cleanup on decode.
+
+The only special token is EOS (`<|endoftext|>`, id 0); documents are joined with it when
+packed. Text that happens to contain the literal string "<|endoftext|>" is encoded as ordinary
+bytes (`encode_special_tokens`), so no document can inject a document boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+# 256 byte tokens + EOS: below this BPE has nothing to learn and some bytes have no id.
+MIN_VOCAB_SIZE = 257
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | Callable[[object], None]) -> None:
+    """Writes `path` via a temporary file in the same directory and `os.replace`.
+
+    A process killed mid-write leaves at most a stray temp file, never a truncated `path`;
+    concurrent writers (several hosts preparing the same cache) each replace it whole.
+
+    Args:
+      path: destination; parent directories are created.
+      data: the bytes, or a function that writes them to a binary file object.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp creates 0600; a cache shared between users/hosts should be readable.
+            os.fchmod(f.fileno(), 0o644)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())  # Survive a machine crash too, not just a killed process.
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` with the small interface kdjax uses.
+
+    Token ids are Python ints in [0, vocab_size). Build with `train_bpe`, `from_file` or
+    `from_str`; the serialized JSON (what `save` writes) defines `fingerprint`.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self._tok = tokenizer
+        self._json = tokenizer.to_str()
+        eos_id = tokenizer.token_to_id(EOS)
+        if eos_id is None:
+            raise ValueError(f"tokenizer has no {EOS!r} token")
+        self._eos_id = eos_id
+        # Not part of tokenizer.json, so it is set on every load: literal "<|endoftext|>"
+        # in a document must round-trip as text rather than become the EOS id.
+        self._tok.encode_special_tokens = True
+
+    @classmethod
+    def from_str(cls, json_str: str) -> Tokenizer:
+        return cls(tokenizers.Tokenizer.from_str(json_str))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        return cls.from_str(pathlib.Path(path).read_text(encoding="utf-8"))
+
+    def to_str(self) -> str:
+        """The tokenizer.json contents."""
+        return self._json
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes tokenizer.json atomically; `from_file(path)` has the same fingerprint."""
+        write_atomically(path, self._json.encode("utf-8"))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included: the model's embedding rows."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex of the tokenizer.json contents: use it in names of derived caches."""
+        return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; never contains `eos_id`."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`[encode(t) for t in texts]`, parallelised by `tokenizers` (Rust threads)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. EOS shows as "<|endoftext|>" unless `skip_special_tokens`.
+
+        Ids that split a multi-byte character decode to U+FFFD for the partial bytes.
+        """
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
+    """Trains a byte-level BPE tokenizer with exactly `vocab_size` ids (EOS included).
+
+    Training is deterministic for a given text sequence. Raises ValueError when the corpus is
+    too small to learn `vocab_size - 257` merges, so that a cached tokenizer's vocab size always
+    equals the configured one and the model's embedding matches it.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS), got {vocab_size}")
+    tok = tokenizers.Tokenizer(models.BPE())
+    # GPT-2's split regex keeps merges inside words/number runs/whitespace runs; no prefix
+    # space, so the first word of a document is not altered.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        # All 256 bytes from the start, not only those seen in training: any string encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    result = Tokenizer(tok)
+    if result.vocab_size != vocab_size:
+        raise ValueError(
+            f"BPE training produced {result.vocab_size} ids, not the requested {vocab_size}: "
+            "the training text is too small; use more text or a smaller vocab_size"
+        )
+    return result
+
+
+def get_or_train_tokenizer(
+    path: str | os.PathLike, texts_fn: Callable[[], Iterable[str]], *, vocab_size: int
+) -> Tokenizer:
+    """Loads the tokenizer cached at `path`, or trains one on `texts_fn()` and caches it.
+
+    Args:
+      path: tokenizer.json location. Written atomically, so a killed run never leaves a
+        half-written file that a later run would load.
+      texts_fn: called only when training is needed (reading the corpus is skipped on a hit).
+      vocab_size: required vocab size; a cached tokenizer of another size is an error (rather
+        than silently retrained or used) naming the file and both sizes.
+    """
+    path = pathlib.Path(path)
+    if path.exists():
+        tok = Tokenizer.from_file(path)
+        if tok.vocab_size != vocab_size:
+            raise ValueError(
+                f"cached tokenizer {path} has vocab_size {tok.vocab_size}, but {vocab_size} was "
+                "requested; delete it or point to another path"
+            )
+        return tok
+    tok = train_bpe(texts_fn(), vocab_size=vocab_size)
+    tok.save(path)
+    return tok
