@@ -1,0 +1,132 @@
+"""Device mesh from the config, logical-axis rules, and shardings computed once from abstract shapes.
+
+Sharding mode: the mesh's axes are `AxisType.Auto` (GSPMD propagation), not the `Explicit` axes that
+`jax.make_mesh` now makes by default.  We pin the shardings of everything that crosses a jit boundary
+(parameters, optimizer state, batches) and let XLA propagate the rest; Explicit mode would force a
+sharding decision on every ambiguous contraction inside the model, which would tie `kdjax.models` to a
+mesh.  The mesh is always passed in; nothing here reads or sets global mesh state.
+
+Logical axes (named on every parameter by `kdjax.models`): `vocab`, `embed`, `mlp`, `heads`, `kv_heads`,
+`head_dim`, `layers`, and `batch` for data.  Rules map each to a mesh axis (or a tuple of them, or None).
+"""
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Data parallel over `data` and `fsdp` (FSDP is data parallelism whose parameters are also sharded);
+# parameters sharded over `fsdp` on their embed dimension and over `tensor` on heads / mlp / vocab.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] = None) -> Mesh:
+    """Mesh with axes ('data', 'fsdp', 'tensor') from e.g. {'data': -1, 'fsdp': 2, 'tensor': 1}.
+
+    One entry may be -1: it takes all remaining devices.  Raises ValueError naming the shape when the
+    product does not equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    sizes = [int(mesh_shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(mesh_shape)}: at most one axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(mesh_shape)} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, " f"have {len(devices)}"
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_to_spec(logical_axes, shape, rules, mesh: Mesh) -> P:
+    """PartitionSpec for an array whose dimensions carry `logical_axes` names.
+
+    A dimension is sharded over its rule's mesh axes only if its size divides evenly and none of those
+    mesh axes is already used by an earlier dimension; otherwise it is replicated (e.g. 2 kv heads on a
+    tensor axis of 4).  Unknown logical names are an error, so a typo in the rules cannot silently
+    replicate a whole model.
+    """
+    rules = dict(rules)
+    used, spec = set(), []
+    for name, size in zip(logical_axes, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(rules)}")
+        target = rules[name]
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or size % n or used & set(axes):
+            spec.append(None)
+        else:
+            used |= set(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def _is_variable(x):
+    return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(abstract_tree, rules, mesh: Mesh):
+    """NamedShardings for a pytree of (abstract) arrays, e.g. a whole train state from `jax.eval_shape`.
+
+    `nnx.Variable` nodes use their `logical_axes` metadata; optax states built from nnx params keep the
+    Variable nodes (and so the metadata) of the params, which is how optimizer moments get the same
+    sharding as their parameter without path matching.  Every other leaf is replicated.
+    The result has a NamedSharding where the input has a Variable or an array: a pytree prefix of the
+    input that `jax.jit` (in/out_shardings) and `jax.device_put` accept.
+    """
+
+    def one(x):
+        if _is_variable(x):
+            axes = x.get_metadata().get("logical_axes")
+            value = x.get_value() if hasattr(x, "get_value") else x.value
+            if axes is None:
+                return NamedSharding(mesh, P())
+            if len(axes) != len(value.shape):
+                raise ValueError(f"logical axes {axes} do not match shape {value.shape}")
+            return NamedSharding(mesh, logical_to_spec(axes, value.shape, rules, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, abstract_tree, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a batch array [B, ...]: B over the `batch` rule's mesh axes, the rest replicated."""
+    target = dict(rules)["batch"]
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def batch_shardings(batch, mesh: Mesh, rules):
+    """`batch_sharding` for every array of a batch dict, by its rank."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, rules, np.ndim(x)), batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
