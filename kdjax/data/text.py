@@ -1,0 +1,107 @@
+"""One call from a data config to (tokenizer, packed train and validation sources), cached on disk.
+
+Experiments (pretraining, distillation, teacher precompute) all read text the same way; this keeps
+the cache keys in one place, so the teacher store and the student see byte-identical token streams.
+"""
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+
+from kdjax.data import corpus
+from kdjax.data.pipeline import PackedSequences, cached_token_stream
+from kdjax.data.tfds_source import tfds_documents
+from kdjax.data.tokenizer import Tokenizer, get_or_train_tokenizer
+
+
+@dataclasses.dataclass
+class TextData:
+    """A tokenized corpus: `train` / `validation` are PackedSequences of examples
+    {"tokens": int32[seq_len + 1], "example_id": int64}."""
+
+    tokenizer: Tokenizer
+    train: PackedSequences
+    validation: PackedSequences
+    description: str
+    corpus_fingerprint: str  # identifies the documents (files and their bytes, or the TFDS dataset)
+
+
+def load_text_data(
+    *,
+    corpus_name="stdlib",
+    cache_dir="~/.cache/kdjax",
+    vocab_size,
+    seq_len,
+    max_files=0,
+    val_fraction=0.05,
+    tfds_text_key="text",
+    tfds_data_dir="",
+    tokenizer_path=None,
+) -> TextData:
+    """Loads or builds the tokenizer and the token streams of both splits.
+
+    Args:
+      corpus_name: "stdlib" (the Python standard library's source files) or "tfds:<name>" for a TFDS
+        text dataset prepared locally (its "train" and "validation" splits).
+      cache_dir: holds tokenizer-*.json and tokens-*.npy, keyed by the corpus fingerprint, the vocab
+        size and the tokenizer fingerprint, so changing any of them never reuses a stale cache.
+      tokenizer_path: use this tokenizer.json (e.g. the teacher's) instead of training one.
+    """
+    cache = pathlib.Path(os.path.expanduser(cache_dir))
+    cache.mkdir(parents=True, exist_ok=True)
+    if corpus_name == "stdlib":
+        n = max_files or None
+        files = {s: corpus.split_file_list(s, max_files=n, val_fraction=val_fraction) for s in corpus.SPLITS}
+        fingerprint = corpus.files_fingerprint(files["train"] + files["validation"])
+        documents = lambda split: corpus.read_files(files[split])
+        description = corpus.describe(max_files=n, val_fraction=val_fraction)
+    elif corpus_name.startswith("tfds:"):
+        name = corpus_name[len("tfds:") :]
+        data_dir = tfds_data_dir or None
+        documents = lambda split: tfds_documents(name, split=split, text_key=tfds_text_key, data_dir=data_dir)
+        key = f"{name}\0{tfds_text_key}\0{data_dir}\0" + "\0".join(
+            str(len(documents(s))) for s in corpus.SPLITS
+        )
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()
+        description = f"TFDS {name}: " + ", ".join(
+            f"{s} {len(documents(s)):,} documents" for s in corpus.SPLITS
+        )
+    else:
+        raise ValueError(f"unknown corpus {corpus_name!r}; expected 'stdlib' or 'tfds:<name>'")
+
+    if tokenizer_path:
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer_path} has vocab size {tokenizer.vocab_size}, config says {vocab_size}"
+            )
+    else:
+        tok_file = cache / f"tokenizer-{fingerprint[:12]}-v{vocab_size}.json"
+        tokenizer = get_or_train_tokenizer(tok_file, lambda: documents("train"), vocab_size=vocab_size)
+    sources = {}
+    for split in corpus.SPLITS:
+        stream_file = cache / f"tokens-{fingerprint[:12]}-{tokenizer.fingerprint[:12]}-{split}.npy"
+        stream = cached_token_stream(stream_file, tokenizer, lambda: documents(split))
+        sources[split] = PackedSequences(stream, seq_len)
+    description += (
+        f" | tokens: train {len(sources['train'].stream):,}, validation {len(sources['validation'].stream):,};"
+        f" vocab {tokenizer.vocab_size}"
+    )
+    return TextData(tokenizer, sources["train"], sources["validation"], description, fingerprint)
+
+
+def load_from_config(data_config, **overrides) -> TextData:
+    """`load_text_data` from an ml_collections `config.data`."""
+    kw = dict(
+        corpus_name=data_config.corpus,
+        cache_dir=data_config.cache_dir,
+        vocab_size=data_config.vocab_size,
+        seq_len=data_config.seq_len,
+        max_files=data_config.max_files,
+        val_fraction=data_config.val_fraction,
+        tfds_text_key=data_config.get("tfds_text_key", "text"),
+        tfds_data_dir=data_config.get("tfds_data_dir", ""),
+    )
+    kw.update(overrides)
+    return load_text_data(**kw)
