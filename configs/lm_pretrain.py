@@ -26,27 +26,27 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict()
     config.model.family = "llama"  # "llama" or "gpt2": switches norms, MLP, positions, biases
     config.model.num_layers = 4
-    config.model.embed_dim = 256
-    config.model.num_heads = 4
-    config.model.num_kv_heads = 2
+    config.model.embed_dim = 192
+    config.model.num_heads = 3
+    config.model.num_kv_heads = 1
     config.model.head_dim = 64
-    config.model.mlp_dim = 704
+    config.model.mlp_dim = 512
     config.model.tie_embeddings = True
     config.model.param_dtype = "float32"
     config.model.dtype = "float32"
 
-    config.batch_size = 32  # global, across all devices and processes
+    config.batch_size = 16  # global, across all devices and processes
     config.accum_steps = 1
-    config.steps = 600
+    config.steps = 300
     config.learning_rate = 3e-3
-    config.warmup_steps = 60
+    config.warmup_steps = 30
     config.weight_decay = 0.1
     config.grad_clip = 1.0
 
     config.log_every = 20
-    config.eval_every = 200
+    config.eval_every = 100
     config.eval_batches = 16  # 0 = the whole validation split
-    config.checkpoint_every = 200
+    config.checkpoint_every = 100
 
     # Mesh over all devices; the rules map the model's logical axes onto it.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

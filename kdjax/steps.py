@@ -35,6 +35,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 def make_schedule(*, learning_rate, warmup_steps, total_steps, end_fraction=0.1):
     """Linear warm-up to `learning_rate`, then cosine decay to `end_fraction * learning_rate`."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be in [0, steps={total_steps})")
     return optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, max(warmup_steps, 1), max(total_steps, 2), end_value=learning_rate * end_fraction
     )
