@@ -7,7 +7,6 @@ latest), metrics.jsonl and tensorboard/ (train and validation curves), model_con
 tokenizer.json the model was trained with.
 """
 
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kdjax import checkpoint, cli, loop, sharding, steps
+from kdjax import checkpoint, cli, loop, pretrained, sharding, steps
 from kdjax.data import pipeline
 from kdjax.data import text as text_data
 from kdjax.metrics import MetricsWriter
@@ -42,9 +41,7 @@ def train(config, workdir: str) -> dict:
     data = text_data.load_from_config(config.data)
     print(data.description)
     model_cfg = model_config(config, data.tokenizer.vocab_size)
-    data.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-        json.dump(model_cfg.__dict__, f, indent=1)
+    pretrained.save_model_files(workdir, model_cfg, data.tokenizer)
     print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}")
 
     tx = steps.make_optimizer(

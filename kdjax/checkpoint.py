@@ -54,6 +54,20 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"]
 
+    def restore_params(self, abstract_params, step: Optional[int] = None):
+        """Restores only `state.params` (e.g. a teacher's), skipping optimizer state and data position.
+
+        `abstract_params` is the nnx.State of Params as ShapeDtypeStructs with shardings.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        item = {"params": abstract_params}
+        restore = ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        )
+        return self._manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""
         self._manager.wait_until_finished()

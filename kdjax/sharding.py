@@ -116,6 +116,19 @@ def tree_shardings(abstract_tree, rules, mesh: Mesh):
     return jax.tree.map(one, abstract_tree, is_leaf=_is_variable)
 
 
+def abstract_with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs of `abstract_tree` carrying `shardings` (a prefix tree, as from `tree_shardings`).
+
+    The result is a restore target for orbax and an argument spec for `jit(...).lower`.
+    """
+    return jax.tree.map(
+        lambda sh, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub),
+        shardings,
+        abstract_tree,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a batch array [B, ...]: B over the `batch` rule's mesh axes, the rest replicated."""
     target = dict(rules)["batch"]

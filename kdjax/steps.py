@@ -215,12 +215,7 @@ def train_state_spec(model_fn: Callable[[nnx.Rngs], nnx.Module], tx, *, seed: in
     abstract = jax.eval_shape(init)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed))), nnx.Param)
     shardings = sharding_lib.tree_shardings(abstract, rules, mesh)
-    abstract = jax.tree.map(
-        lambda sh, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub),
-        shardings,
-        abstract,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
-    )
+    abstract = sharding_lib.abstract_with_shardings(abstract, shardings)
     return StateSpec(graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings))
 
 

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from kdjax.data import text as text_data
 from kdjax.metrics import read_metrics
@@ -130,3 +132,20 @@ def _flatten(tree, prefix=""):
             out.update(_flatten(v, f"{prefix}/{k}"))
         return out
     return {prefix: np.asarray(tree)}
+
+
+def test_load_workdir_restores_final_params_only(uninterrupted):
+    from kdjax import pretrained, sharding
+
+    workdir, _ = uninterrupted
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})  # another mesh than the one it trained on
+    loaded = pretrained.load_workdir(str(workdir), mesh=mesh, rules=sharding.DEFAULT_RULES)
+    assert loaded.step == STEPS and loaded.tokenizer.vocab_size == loaded.config.vocab_size
+    # A raw orbax restore shows each nnx.Param as {"value": array}.
+    want = {k.removesuffix("/value"): v for k, v in _flatten(final_params(workdir)).items()}
+    got = _flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(loaded.params)))
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    logits = loaded.model()(np.zeros((2, 5), np.int32))
+    assert logits.shape == (2, 5, loaded.config.vocab_size)
