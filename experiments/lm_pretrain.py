@@ -9,11 +9,9 @@ tokenizer.json the model was trained with.
 
 import os
 import sys
-import time
 
 import jax
 import numpy as np
-import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -94,49 +92,32 @@ def train(config, workdir: str) -> dict:
         mesh=mesh,
     )
 
-    def run_eval(step):
+    def run_eval(step, params):
         batches = pipeline.eval_batches(
             data.validation, batch_size=local_batch, process_index=pid, process_count=nproc
         )
-        m = loop.evaluate(eval_step, state.params, batches, eval_sh, max_batches=config.eval_batches)
+        m = loop.evaluate(eval_step, params, batches, eval_sh, max_batches=config.eval_batches)
         result = {"val/ce": m["ce"], "val/perplexity": float(np.exp(m["ce"]))}
         writer.write(step, result)
         return result
 
     writer = MetricsWriter(workdir, resume_step=start)
-    pending, window, t0 = [], None, time.perf_counter()
-    tokens_per_step = config.batch_size * config.data.seq_len
-    bar = tqdm.tqdm(
-        range(start, config.steps), initial=start, total=config.steps, desc="pretrain", disable=pid != 0
+    state, val = loop.train_loop(
+        state=state,
+        train_step=train_step,
+        data_iter=data_iter,
+        batch_shardings=batch_sh,
+        checkpointer=ckpt,
+        writer=writer,
+        run_eval=run_eval,
+        total_steps=config.steps,
+        log_every=config.log_every,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        tokens_per_step=config.batch_size * config.data.seq_len,
+        desc="pretrain",
+        debug_sleep_per_step=config.debug_sleep_per_step,
     )
-    val = None
-    for step in bar:
-        batch = loop.to_device(next(data_iter), batch_sh)
-        state, metrics = train_step(state, batch, None)
-        pending.append((step + 1, metrics))
-        window = steps.add_metrics(window, metrics)
-        if config.debug_sleep_per_step:
-            time.sleep(config.debug_sleep_per_step)
-        done = step + 1
-        if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == config.steps:
-            loop.check_finite(pending)  # before any save: a checkpoint never follows a bad step
-            pending = []
-        if done % config.log_every == 0 or done == config.steps:
-            m = steps.reduce_metrics(window)
-            rate = config.log_every * tokens_per_step / (time.perf_counter() - t0)
-            writer.write(
-                done, {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/tokens_per_s": rate}
-            )
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
-            window, t0 = None, time.perf_counter()
-        if done % config.eval_every == 0 or done == config.steps:
-            val = run_eval(done)
-            bar.write(
-                f"step {done}: validation ce {val['val/ce']:.4f} (perplexity {val['val/perplexity']:.1f})"
-            )
-        ckpt.save(done, state, data_iter.get_state(), force=done == config.steps)
-    if val is None:  # resumed after the last step: evaluate what was restored
-        val = run_eval(start)
     ckpt.close()
     writer.close()
     return val

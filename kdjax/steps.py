@@ -91,8 +91,21 @@ def _split_microbatches(batch, accum_steps):
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, frozen=None, *, graphdef, tx, loss_fn: Callable, accum_steps=1):
+def train_step(
+    state: TrainState,
+    batch,
+    frozen=None,
+    *,
+    graphdef,
+    tx,
+    loss_fn: Callable,
+    accum_steps=1,
+    extra_update=None,
+):
     """One optimizer update on the token-weighted mean loss of `batch`.
+
+    `extra_update(extra, loss, step) -> extra` (optional) advances loss-specific state after the step,
+    e.g. TAID's interpolation coefficient; it sees the step's mean loss and the 0-based step index.
 
     The gradient is  (Σ_microbatches ∇ loss_sum) / Σ count:  exactly the gradient of the mean over the
     whole batch, whatever `accum_steps` is (microbatches run sequentially under `lax.scan` to save memory).
@@ -144,11 +157,17 @@ def train_step(state: TrainState, batch, frozen=None, *, graphdef, tx, loss_fn: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    extra = (
+        state.extra
+        if extra_update is None
+        else keep(extra_update(state.extra, loss, state.step), state.extra)
+    )
     new_state = state.replace(
         step=state.step + finite.astype(state.step.dtype),
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         rng=jax.random.key_data(rng),
+        extra=extra,
     )
     metrics = {
         "loss": (total, count),
@@ -226,10 +245,26 @@ def init_train_state(model_fn, tx, *, seed: int, mesh, rules, extra=None):
 
 
 def jit_train_step(
-    *, graphdef, tx, loss_fn, state_shardings, batch_shardings, mesh, frozen_shardings=None, accum_steps=1
+    *,
+    graphdef,
+    tx,
+    loss_fn,
+    state_shardings,
+    batch_shardings,
+    mesh,
+    frozen_shardings=None,
+    accum_steps=1,
+    extra_update=None,
 ):
     """`train_step` jitted with explicit in/out shardings; the state is donated (updated in place)."""
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, accum_steps=accum_steps)
+    step = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        loss_fn=loss_fn,
+        accum_steps=accum_steps,
+        extra_update=extra_update,
+    )
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
