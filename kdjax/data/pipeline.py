@@ -204,9 +204,7 @@ def train_iterator(
     the order. Keep the buffer small: batches are cheap to cut from an in-memory stream, and
     every buffered batch is recomputed after a restore anyway.
     """
-    read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-    )
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     return iter(dataset.to_iter_dataset(read_options))
 
 
@@ -236,7 +234,8 @@ def eval_batches(
     n = len(source)
     if n < 1:
         raise ValueError("source is empty")
-    token_shape = np.shape(source[0]["tokens"])
+    first_example = source[0]
+    token_shape = np.shape(first_example["tokens"])
     seq_len = token_shape[0] - 1
     global_batch = batch_size * process_count
     for k in range(math.ceil(n / global_batch)):
@@ -245,12 +244,21 @@ def eval_batches(
         valid = ids < n
         tokens = np.zeros((batch_size, *token_shape), np.int32)
         example_id = np.full((batch_size,), -1, np.int64)
+        # Other fields of the source (e.g. a teacher store's targets) ride along, zero on padded rows.
+        extra = {
+            k: np.zeros((batch_size, *np.shape(v)), np.asarray(v).dtype)
+            for k, v in first_example.items()
+            if k not in ("tokens", "example_id", "mask")
+        }
         for row in np.flatnonzero(valid):
             example = source[int(ids[row])]
             tokens[row] = example["tokens"]
             example_id[row] = example["example_id"]
+            for k in extra:
+                extra[k][row] = example[k]
         yield {
             "tokens": tokens,
             "example_id": example_id,
             "mask": np.broadcast_to(valid[:, None], (batch_size, seq_len)).astype(np.float32),
+            **extra,
         }

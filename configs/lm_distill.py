@@ -1,0 +1,64 @@
+"""Distil a teacher LM into a smaller student: offline (teacher store), online, on-policy, seqkd, TAID.
+
+Launch (teacher = a kdjax work directory; offline also needs its store from experiments.precompute_teacher):
+  python -m experiments.lm_distill --config configs/lm_distill.py --workdir /tmp/kd \
+      --config.teacher.workdir=/tmp/teacher --config.store_dir=/tmp/store/store-train --config.loss=jsd
+  python -m experiments.lm_distill --config configs/lm_distill.py --workdir /tmp/kd_online \
+      --config.teacher.workdir=/tmp/teacher --config.mode=online --config.loss=rkl
+"""
+
+import ml_collections
+
+from configs import lm_pretrain
+
+
+def get_config(arg=None):
+    config = lm_pretrain.get_config("tiny" if arg == "tiny" else None)
+    config.mode = "offline"  # offline | online | on_policy | seqkd
+    config.loss = "fkl"  # fkl rkl jsd tvd skl srkl | taid | ce (no teacher: the baseline)
+    config.temperature = 1.0
+    config.ce_alpha = 0.0  # weight of hard-label cross-entropy mixed into the divergence
+    config.jsd_beta = 0.5
+    config.skew_alpha = 0.1
+    config.topk_tail = "bucket"  # offline top-k: "bucket" (tail mass kept) or "renormalize"
+
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.workdir = ""  # kdjax work dir (model_config.json, tokenizer.json, checkpoints/)
+    # Offline: the teacher store of the train split; a validation store beside it (store-validation) is used
+    # for evaluation when no teacher model is given.
+    config.store_dir = ""
+
+    config.student_init = (
+        ""  # "" = from scratch; a kdjax work dir = start from its params (pretrain-then-distil)
+    )
+
+    # on_policy: probability that a batch is replaced by student samples; seqkd / on_policy: prompt length and
+    # sampling temperature (separate from the loss temperature).
+    config.on_policy_fraction = 0.5
+    config.prompt_len = 16
+    config.sample_temperature = 1.0
+
+    config.taid = ml_collections.ConfigDict({"t_start": 0.4, "t_end": 1.0, "alpha": 5e-4, "beta": 0.99})
+
+    # A smaller student than the pretraining default.
+    config.model.num_layers = 2
+    config.model.embed_dim = 128
+    config.model.num_heads = 2
+    config.model.num_kv_heads = 1
+    config.model.head_dim = 64
+    config.model.mlp_dim = 384
+    if arg == "tiny":
+        config.prompt_len = 8
+        config.model.num_layers = 1
+        config.model.embed_dim = 32
+        config.model.num_heads = 2
+        config.model.num_kv_heads = 1
+        config.model.head_dim = 16
+        config.model.mlp_dim = 64
+        config.steps = 2
+        config.warmup_steps = 1
+        config.log_every = 1
+        config.eval_every = 2
+        config.eval_batches = 2
+        config.checkpoint_every = 2
+    return config

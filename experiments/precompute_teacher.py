@@ -1,0 +1,121 @@
+"""Precompute a teacher's top-k log-probs over a dataset split into a sharded, checksummed store.
+
+  python -m experiments.precompute_teacher --config configs/precompute_teacher.py --workdir W [--verify]
+
+The store goes to W/store-<split>/.  Rerunning the same command after a crash (or a SIGKILL) writes only
+the shards that are missing; a finished store is never rewritten.  `--verify` checks a whole store end to
+end (checksums, every example exactly once, shapes, ranges) and exits non-zero if anything is wrong.
+Several processes (jax.distributed) each write the shards they own, with the teacher on their own devices.
+"""
+
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from kdjax import cli, pretrained, sharding, teacher_store
+from kdjax.data import text as text_data
+from kdjax.models.transformer import Transformer, TransformerConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The store goes to WORKDIR/store-<split>.")
+_VERIFY = flags.DEFINE_bool("verify", False, "Check the store end to end instead of writing it.")
+
+
+def store_path(workdir, config):
+    return os.path.join(workdir, f"store-{config.split}")
+
+
+def load_teacher(config, mesh, rules):
+    """(graphdef, params, tokenizer or None) from config.teacher; a random tiny teacher when no workdir."""
+    if config.teacher.workdir:
+        teacher = pretrained.load_workdir(config.teacher.workdir, mesh=mesh, rules=rules)
+        return teacher.graphdef, teacher.params, teacher.tokenizer
+    return None, None, None
+
+
+def precompute(config, workdir: str) -> dict:
+    """Writes (or completes) the store; returns its manifest (None on a process that is not last)."""
+    rules = tuple(config.sharding_rules)
+    # Each process runs the teacher on its own devices over the shards it owns.
+    mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
+    graphdef, params, tokenizer = load_teacher(config, mesh, rules)
+    data = text_data.load_from_config(
+        config.data,
+        tokenizer_path=os.path.join(config.teacher.workdir, "tokenizer.json") if tokenizer else None,
+        **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}),
+    )
+    print(data.description)
+    if graphdef is None:
+        model_cfg = TransformerConfig.from_dict(
+            {
+                **config.teacher.model.to_dict(),
+                "vocab_size": data.tokenizer.vocab_size,
+                "max_len": config.data.seq_len,
+            }
+        )
+        abstract_graphdef, _, shardings = pretrained.abstract_model(model_cfg, mesh, rules)
+        graphdef = abstract_graphdef
+        params = jax.jit(
+            lambda: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)[1],
+            out_shardings=shardings,
+        )()
+    source = data.train if config.split == "train" else data.validation
+    tokens_sharding = sharding.batch_sharding(mesh, rules, 2)
+
+    def logits_fn(tokens_bt):
+        tokens_bt = jax.lax.with_sharding_constraint(tokens_bt, tokens_sharding)
+        return nnx.merge(graphdef, params)(tokens_bt)
+
+    manifest = {
+        "teacher_fingerprint": teacher_store.params_fingerprint(params),
+        "teacher": config.teacher.workdir or f"random init, seed {config.seed}",
+        "tokenizer_fingerprint": data.tokenizer.fingerprint,
+        "vocab_size": data.tokenizer.vocab_size,
+        "dataset": f"{config.data.corpus}:{data.corpus_fingerprint[:16]}",
+        "split": config.split,
+        "seq_len": config.data.seq_len,
+    }
+    return teacher_store.write_store(
+        store_path(workdir, config),
+        source=source,
+        logits_fn=logits_fn,
+        k=config.k,
+        batch_size=config.batch_size,
+        examples_per_shard=config.examples_per_shard,
+        manifest=manifest,
+        logprob_dtype=config.logprob_dtype,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        progress=True,
+    )
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    path = store_path(_WORKDIR.value, _CONFIG.value)
+    if _VERIFY.value:
+        report = teacher_store.verify_store(path)
+        print(
+            f"{path}: {'OK' if report['ok'] else 'FAILED'}; {report.get('num_examples')} examples in "
+            f"{report.get('num_shards')} shards, {report.get('bytes_per_token')} bytes/token"
+        )
+        for problem in report["problems"]:
+            print(f"  problem: {problem}")
+        sys.exit(0 if report["ok"] else 1)
+    manifest = precompute(_CONFIG.value, _WORKDIR.value)
+    if manifest:
+        print(
+            f"store complete: {path}: {manifest['num_examples']} examples, k={manifest['k']}, "
+            f"{manifest['bytes_per_token']:.1f} bytes/token"
+        )
+
+
+if __name__ == "__main__":
+    cli.check_config_overrides(sys.argv)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
