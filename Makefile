@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.lm_pretrain --config configs/lm_pretrain.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs

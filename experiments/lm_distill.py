@@ -23,9 +23,6 @@ from kdjax.data import text as text_data
 from kdjax.metrics import MetricsWriter, read_metrics
 from kdjax.models.transformer import Transformer, TransformerConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-
 
 def _check_student_vocab(config, tokenizer, what):
     if config.data.vocab_size != tokenizer.vocab_size:
@@ -255,11 +252,14 @@ def plot_curves(workdir):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    result = train(_CONFIG.value, _WORKDIR.value)
+    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so tests and benchmarks can import several experiments.
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
     cli.check_config_overrides(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -21,9 +21,6 @@ from kdjax.data import text as text_data
 from kdjax.metrics import MetricsWriter
 from kdjax.models.transformer import Transformer, TransformerConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-
 
 def model_config(config, vocab_size) -> TransformerConfig:
     return TransformerConfig.from_dict(
@@ -126,11 +123,14 @@ def train(config, workdir: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    result = train(_CONFIG.value, _WORKDIR.value)
+    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     print(f"final validation loss {result['val/ce']:.4f} (perplexity {result['val/perplexity']:.2f})")
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so tests and benchmarks can import several experiments.
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
     cli.check_config_overrides(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

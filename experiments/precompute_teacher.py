@@ -20,10 +20,6 @@ from kdjax import cli, pretrained, sharding, teacher_store
 from kdjax.data import text as text_data
 from kdjax.models.transformer import Transformer, TransformerConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The store goes to WORKDIR/store-<split>.")
-_VERIFY = flags.DEFINE_bool("verify", False, "Check the store end to end instead of writing it.")
-
 
 def store_path(workdir, config):
     return os.path.join(workdir, f"store-{config.split}")
@@ -97,8 +93,8 @@ def precompute(config, workdir: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    path = store_path(_WORKDIR.value, _CONFIG.value)
-    if _VERIFY.value:
+    path = store_path(flags.FLAGS.workdir, flags.FLAGS.config)
+    if flags.FLAGS.verify:
         report = teacher_store.verify_store(path)
         print(
             f"{path}: {'OK' if report['ok'] else 'FAILED'}; {report.get('num_examples')} examples in "
@@ -107,7 +103,7 @@ def main(argv):
         for problem in report["problems"]:
             print(f"  problem: {problem}")
         sys.exit(0 if report["ok"] else 1)
-    manifest = precompute(_CONFIG.value, _WORKDIR.value)
+    manifest = precompute(flags.FLAGS.config, flags.FLAGS.workdir)
     if manifest:
         print(
             f"store complete: {path}: {manifest['num_examples']} examples, k={manifest['k']}, "
@@ -116,6 +112,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so tests and benchmarks can import several experiments.
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+    flags.DEFINE_string("workdir", None, "The store goes to WORKDIR/store-<split>.")
+    flags.DEFINE_bool("verify", False, "Check the store end to end instead of writing it.")
     cli.check_config_overrides(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
