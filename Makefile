@@ -20,7 +20,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.lm_pretrain --config configs/lm_pretrain.py --workdir $(WORKDIR)
+	$(PY) -m experiments.demo --config configs/demo.py --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests

@@ -1,0 +1,68 @@
+"""`make demo`: pretrain a teacher, precompute its store, distil one student six ways, tabulate.
+
+  python -m experiments.demo --config configs/demo.py --workdir workdirs/demo
+Every stage resumes or reuses its finished output, so a second run only re-tabulates.
+"""
+
+import ml_collections
+
+from configs import lm_distill, lm_pretrain
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    # A subset of the standard library sized to the step budget, so the store covers what students read.
+    data = lm_pretrain.get_config().data
+    data.max_files = 160
+
+    config.teacher = lm_pretrain.get_config()
+    config.teacher.data = data
+    config.teacher.model.num_layers = 4
+    config.teacher.model.embed_dim = 256
+    config.teacher.model.num_heads = 4
+    config.teacher.model.num_kv_heads = 2
+    config.teacher.model.head_dim = 64
+    config.teacher.model.mlp_dim = 1024
+    config.teacher.steps = 240
+    config.teacher.warmup_steps = 24
+    config.teacher.eval_every = 240
+    config.teacher.checkpoint_every = 80
+
+    config.store_k = 32
+    config.store_dtype = "bfloat16"
+
+    config.student = lm_distill.get_config()  # the student architecture and optimizer, shared by every run
+    config.student.data = data
+    config.student.steps = 160
+    config.student.warmup_steps = 16
+    config.student.eval_every = 160
+    config.student.checkpoint_every = 80
+    config.student.prompt_len = 64  # on-policy: half of each sequence is the prompt
+
+    # name -> (mode, loss); every run has the same student, data order and step budget.
+    config.runs = (
+        ("CE only (baseline)", "offline", "ce"),
+        ("offline fkl (top-k store)", "offline", "fkl"),
+        ("offline jsd(0.5) (top-k store)", "offline", "jsd"),
+        ("online rkl", "online", "rkl"),
+        ("on-policy jsd (lambda=0.5)", "on_policy", "jsd"),
+        ("TAID (top-k store)", "offline", "taid"),
+    )
+    if arg == "tiny":
+        for c in (config.teacher, config.student):
+            c.data.max_files = 12
+            c.data.vocab_size = 512
+            c.data.seq_len = 32
+            c.model.num_layers = 1
+            c.model.embed_dim = 32
+            c.model.num_heads = 2
+            c.model.num_kv_heads = 1
+            c.model.head_dim = 16
+            c.model.mlp_dim = 64
+            c.steps, c.warmup_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 1, 2, 2, 1
+            c.eval_batches = 2
+        config.student.prompt_len = 16
+        config.store_k = 8
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown config argument {arg!r}; expected '' or 'tiny'")
+    return config
