@@ -12,6 +12,7 @@ import os
 import sys
 
 import jax
+from jax.experimental import multihost_utils
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
@@ -62,9 +63,10 @@ def precompute(config, workdir: str) -> dict:
     source = data.train if config.split == "train" else data.validation
     tokens_sharding = sharding.batch_sharding(mesh, rules, 2)
 
-    def logits_fn(tokens_bt):
+    def logits_fn(teacher_params, tokens_bt):
+        # Params are an argument, not a closure: closed-over arrays would be baked into the program.
         tokens_bt = jax.lax.with_sharding_constraint(tokens_bt, tokens_sharding)
-        return nnx.merge(graphdef, params)(tokens_bt)
+        return nnx.merge(graphdef, teacher_params)(tokens_bt)
 
     manifest = {
         "teacher_fingerprint": teacher_store.params_fingerprint(params),
@@ -75,10 +77,11 @@ def precompute(config, workdir: str) -> dict:
         "split": config.split,
         "seq_len": config.data.seq_len,
     }
-    return teacher_store.write_store(
+    manifest = teacher_store.write_store(
         store_path(workdir, config),
         source=source,
         logits_fn=logits_fn,
+        params=params,
         k=config.k,
         batch_size=config.batch_size,
         examples_per_shard=config.examples_per_shard,
@@ -86,8 +89,14 @@ def precompute(config, workdir: str) -> dict:
         logprob_dtype=config.logprob_dtype,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        progress=True,
+        progress=jax.process_index() == 0,
     )
+    if jax.process_count() > 1:
+        # Every process wrote its own shards; once all are done, one process writes the manifest.
+        multihost_utils.sync_global_devices("teacher store shards written")
+        if jax.process_index() == 0:
+            manifest = teacher_store.finalize_store(store_path(workdir, config))
+    return manifest
 
 
 def main(argv):
