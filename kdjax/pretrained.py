@@ -1,4 +1,4 @@
-"""Loading a trained model with its tokenizer: a kdjax work directory (Hugging Face directories later).
+"""Loading a trained model with its tokenizer: a kdjax work directory or a Hugging Face directory.
 
 A kdjax work directory, as written by `experiments.lm_pretrain` (and the distillation experiments), holds
 `model_config.json`, `tokenizer.json` and `checkpoints/`.
@@ -22,6 +22,7 @@ class Pretrained:
     config: TransformerConfig
     tokenizer: Tokenizer
     step: int
+    source: str = ""  # the directory it came from (its tokenizer.json is the one the data must use)
 
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.params)
@@ -64,4 +65,19 @@ def load_workdir(workdir: str, *, mesh, rules, step=None) -> Pretrained:
         raise FileNotFoundError(f"no finished checkpoint in {workdir}/checkpoints")
     params = ckpt.restore_params(abstract, step)
     ckpt.close()
-    return Pretrained(graphdef, params, model_config, tokenizer, step)
+    return Pretrained(graphdef, params, model_config, tokenizer, step, source=workdir)
+
+
+def load_model(*, workdir: str = "", hf_path: str = "", mesh, rules, what: str = "model"):
+    """The model named by `workdir` (kdjax) or `hf_path` (Hugging Face: config.json, safetensors,
+    tokenizer.json), loaded straight into shardings; None when both are empty."""
+    if workdir and hf_path:
+        raise ValueError(f"{what}: give a kdjax work directory or a Hugging Face path, not both")
+    if hf_path:
+        from kdjax.models import hf  # pylint: disable=g-import-not-at-top
+
+        ckpt = hf.load_hf_params(hf_path, mesh=mesh, rules=rules)
+        return Pretrained(ckpt.graphdef, ckpt.params, ckpt.config, ckpt.tokenizer, 0, source=hf_path)
+    if workdir:
+        return load_workdir(workdir, mesh=mesh, rules=rules)
+    return None
