@@ -24,13 +24,15 @@ def get_config(arg=None):
 
     config.teacher = ml_collections.ConfigDict()
     config.teacher.workdir = ""  # kdjax work dir (model_config.json, tokenizer.json, checkpoints/)
+    config.teacher.hf_path = ""  # or a Hugging Face directory (config.json, *.safetensors, tokenizer.json)
     # Offline: the teacher store of the train split; a validation store beside it (store-validation) is used
     # for evaluation when no teacher model is given.
     config.store_dir = ""
 
-    config.student_init = (
-        ""  # "" = from scratch; a kdjax work dir = start from its params (pretrain-then-distil)
-    )
+    # The student starts from scratch (config.model), from a kdjax work dir (pretrain-then-distil), or from a
+    # Hugging Face directory (its own architecture); export_hf_dir writes the result in HF format at the end.
+    config.student = ml_collections.ConfigDict({"init_workdir": "", "hf_path": ""})
+    config.export_hf_dir = ""
 
     # on_policy: probability that a batch is replaced by student samples; seqkd / on_policy: prompt length and
     # sampling temperature (separate from the loss temperature).

@@ -60,6 +60,12 @@ def get_config(arg=None):
         ("head_dim", None),
         ("layers", None),
     )
+    # Multi-process runs (jax.distributed): "" / 1 / 0 = unset, then KDJAX_COORDINATOR, KDJAX_NUM_PROCESSES
+    # and KDJAX_PROCESS_ID are read; on a Cloud TPU pod slice leave all unset (detected).  See docs/scaling.md.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""  # "host:port" of process 0
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
     # Seconds slept per step; only tests set it, to kill a run mid-way deterministically slowly.
     config.debug_sleep_per_step = 0.0
 

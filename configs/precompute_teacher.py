@@ -22,6 +22,7 @@ def get_config(arg=None):
 
     config.teacher = ml_collections.ConfigDict()
     config.teacher.workdir = ""  # kdjax work dir with model_config.json, tokenizer.json, checkpoints/
+    config.teacher.hf_path = ""  # or a Hugging Face directory (config.json, *.safetensors, tokenizer.json)
     # Only for a randomly initialised teacher (teacher.workdir == ""): its architecture.
     config.teacher.model = base.model
 
@@ -33,6 +34,7 @@ def get_config(arg=None):
 
     config.mesh = base.mesh
     config.sharding_rules = base.sharding_rules
+    config.distributed = base.distributed
 
     if arg == "tiny":
         config.k = 8

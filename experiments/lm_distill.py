@@ -14,14 +14,24 @@ import sys
 
 import jax
 import numpy as np
+from flax import nnx
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kdjax import checkpoint, cli, distill, loop, losses, pretrained, sharding, steps, teacher_store
+from kdjax import distributed
 from kdjax.data import pipeline
 from kdjax.data import text as text_data
 from kdjax.metrics import MetricsWriter, read_metrics
+from kdjax.models import hf
 from kdjax.models.transformer import Transformer, TransformerConfig
+
+# Texts on which teacher and student tokenizers must give the same ids (after vocab, EOS and token-map checks).
+_SAMPLE_TEXTS = (
+    "def main(argv):\n    return 0\n",
+    "import os, sys  # comment\n\tx = {'a': [1, 2.5e-3]}\n",
+    "Hello, world! Ünïcödé, 日本語, emoji 🙂.",
+)
 
 
 def _check_student_vocab(config, tokenizer, what):
@@ -42,13 +52,34 @@ def train(config, workdir: str) -> dict:
     nproc, pid = jax.process_count(), jax.process_index()
 
     # The teacher (for training online / on-policy / seqkd, and for evaluation whenever it is given).
-    teacher = None
-    if config.teacher.workdir:
-        teacher = pretrained.load_workdir(config.teacher.workdir, mesh=mesh, rules=rules)
-        _check_student_vocab(config, teacher.tokenizer, f"teacher {config.teacher.workdir}")
+    teacher = pretrained.load_model(
+        workdir=config.teacher.workdir, hf_path=config.teacher.hf_path, mesh=mesh, rules=rules, what="teacher"
+    )
+    if teacher is not None:
+        _check_student_vocab(config, teacher.tokenizer, f"teacher {teacher.source}")
     elif distill.needs_teacher_model(config.mode, config.loss):
-        raise ValueError(f"mode {config.mode!r} with loss {config.loss!r} needs --config.teacher.workdir")
-    tokenizer_path = os.path.join(config.teacher.workdir, "tokenizer.json") if teacher else None
+        raise ValueError(
+            f"mode {config.mode!r} with loss {config.loss!r} needs --config.teacher.workdir or --config.teacher.hf_path"
+        )
+    # A student loaded from a checkpoint brings its own tokenizer: it must be the teacher's, else the two
+    # models' logits index different tokens.  Checked now, before any data or step.
+    init = pretrained.load_model(
+        workdir=config.student.init_workdir,
+        hf_path=config.student.hf_path,
+        mesh=mesh,
+        rules=rules,
+        what="student",
+    )
+    if init is not None and teacher is not None:
+        problem = hf.compare_tokenizers(
+            teacher.tokenizer, init.tokenizer, _SAMPLE_TEXTS, names=("teacher", "student")
+        )
+        if problem:
+            raise ValueError(
+                f"tokenizer mismatch between teacher {teacher.source} and student {init.source}: {problem}"
+            )
+    tokenizer_source = teacher or init
+    tokenizer_path = os.path.join(tokenizer_source.source, "tokenizer.json") if tokenizer_source else None
     data = text_data.load_from_config(config.data, tokenizer_path=tokenizer_path)
     print(data.description)
 
@@ -71,9 +102,16 @@ def train(config, workdir: str) -> dict:
             )
             store_eval = True
 
-    model_cfg = TransformerConfig.from_dict(
-        {**config.model.to_dict(), "vocab_size": data.tokenizer.vocab_size, "max_len": config.data.seq_len}
-    )
+    if init is not None:
+        model_cfg = init.config  # the loaded student's own architecture; config.model does not apply
+    else:
+        model_cfg = TransformerConfig.from_dict(
+            {
+                **config.model.to_dict(),
+                "vocab_size": data.tokenizer.vocab_size,
+                "max_len": config.data.seq_len,
+            }
+        )
     pretrained.save_model_files(workdir, model_cfg, data.tokenizer)
     print(
         f"student: {model_cfg.num_params() / 1e6:.2f}M parameters"
@@ -113,13 +151,7 @@ def train(config, workdir: str) -> dict:
         print(f"resumed from step {int(state.step)}")
     else:
         state = spec.init()
-        if config.student_init:
-            init = pretrained.load_workdir(config.student_init, mesh=mesh, rules=rules)
-            if init.config != model_cfg:
-                raise ValueError(
-                    f"student_init {config.student_init} has architecture {init.config}, "
-                    f"the config asks for {model_cfg}"
-                )
+        if init is not None:
             state = state.replace(params=init.params)
     writer = MetricsWriter(workdir, resume_step=int(state.step))
 
@@ -221,6 +253,9 @@ def train(config, workdir: str) -> dict:
     writer.close()
     if pid == 0:
         plot_curves(workdir)
+    if config.export_hf_dir:
+        hf.save_hf(config.export_hf_dir, nnx.merge(spec.graphdef, state.params), data.tokenizer)
+        print(f"student exported in Hugging Face format to {config.export_hf_dir}")
     return val
 
 
@@ -250,6 +285,7 @@ def plot_curves(workdir):
 
 
 def main(argv):
+    distributed.initialize(flags.FLAGS.config)  # before any JAX computation
     del argv
     logging.set_verbosity(logging.WARNING)
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kdjax import checkpoint, cli, loop, pretrained, sharding, steps
+from kdjax import distributed
 from kdjax.data import pipeline
 from kdjax.data import text as text_data
 from kdjax.metrics import MetricsWriter
@@ -121,6 +122,7 @@ def train(config, workdir: str) -> dict:
 
 
 def main(argv):
+    distributed.initialize(flags.FLAGS.config)  # before any JAX computation
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)

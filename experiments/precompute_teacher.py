@@ -18,6 +18,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kdjax import cli, pretrained, sharding, teacher_store
+from kdjax import distributed
 from kdjax.data import text as text_data
 from kdjax.models.transformer import Transformer, TransformerConfig
 
@@ -27,11 +28,14 @@ def store_path(workdir, config):
 
 
 def load_teacher(config, mesh, rules):
-    """(graphdef, params, tokenizer or None) from config.teacher; a random tiny teacher when no workdir."""
-    if config.teacher.workdir:
-        teacher = pretrained.load_workdir(config.teacher.workdir, mesh=mesh, rules=rules)
-        return teacher.graphdef, teacher.params, teacher.tokenizer
-    return None, None, None
+    """(graphdef, params, tokenizer, source) of config.teacher (kdjax work dir or HF directory); Nones when
+    neither is given (the :tiny config's random teacher)."""
+    teacher = pretrained.load_model(
+        workdir=config.teacher.workdir, hf_path=config.teacher.hf_path, mesh=mesh, rules=rules, what="teacher"
+    )
+    if teacher is None:
+        return None, None, None, None
+    return teacher.graphdef, teacher.params, teacher.tokenizer, teacher.source
 
 
 def precompute(config, workdir: str) -> dict:
@@ -39,10 +43,10 @@ def precompute(config, workdir: str) -> dict:
     rules = tuple(config.sharding_rules)
     # Each process runs the teacher on its own devices over the shards it owns.
     mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
-    graphdef, params, tokenizer = load_teacher(config, mesh, rules)
+    graphdef, params, tokenizer, source_dir = load_teacher(config, mesh, rules)
     data = text_data.load_from_config(
         config.data,
-        tokenizer_path=os.path.join(config.teacher.workdir, "tokenizer.json") if tokenizer else None,
+        tokenizer_path=os.path.join(source_dir, "tokenizer.json") if tokenizer else None,
         **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}),
     )
     print(data.description)
@@ -70,7 +74,7 @@ def precompute(config, workdir: str) -> dict:
 
     manifest = {
         "teacher_fingerprint": teacher_store.params_fingerprint(params),
-        "teacher": config.teacher.workdir or f"random init, seed {config.seed}",
+        "teacher": source_dir or f"random init, seed {config.seed}",
         "tokenizer_fingerprint": data.tokenizer.fingerprint,
         "vocab_size": data.tokenizer.vocab_size,
         "dataset": f"{config.data.corpus}:{data.corpus_fingerprint[:16]}",
@@ -100,6 +104,7 @@ def precompute(config, workdir: str) -> dict:
 
 
 def main(argv):
+    distributed.initialize(flags.FLAGS.config)  # before any JAX computation
     del argv
     logging.set_verbosity(logging.WARNING)
     path = store_path(flags.FLAGS.workdir, flags.FLAGS.config)

@@ -469,8 +469,17 @@ def write_store(
 
     manifest_path = os.path.join(path, "manifest.json")
     config_path = os.path.join(path, "config.json")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(config_path):
-        raise FileExistsError(f"{path} is a non-empty directory but not a teacher store")
+    # What a writer of this store creates before config.json is in place (shards/, config.json's temporary
+    # file) is not foreign: with several processes a peer may be exactly there while we look.
+    foreign = [
+        e
+        for e in (os.listdir(path) if os.path.isdir(path) else [])
+        if e != "shards" and not e.startswith("config.json")
+    ]
+    if foreign and not os.path.exists(config_path):
+        raise FileExistsError(
+            f"{path} is a non-empty directory but not a teacher store (it holds {sorted(foreign)[:5]})"
+        )
     os.makedirs(os.path.join(path, "shards"), exist_ok=True)
     if os.path.exists(manifest_path):
         _check_identity(manifest_path, identity)

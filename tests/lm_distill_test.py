@@ -186,3 +186,37 @@ def test_vocabulary_mismatch_stops_before_training(teacher, tmp_path):
     with pytest.raises(teacher_store.StoreMismatchError, match="vocab_size"):
         lm_distill.train(other, str(tmp_path / "b"))
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_hugging_face_teacher_and_export(teacher, tmp_path):
+    from kdjax.models import hf
+
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)
+    hf.save_hf(str(tmp_path / "hf_teacher"), t.model(), t.tokenizer)
+    config = distill_cfg(teacher, mode="online", loss="fkl")
+    config.teacher.workdir, config.teacher.hf_path = "", str(tmp_path / "hf_teacher")
+    config.export_hf_dir = str(tmp_path / "hf_student")
+    result = lm_distill.train(config, str(tmp_path / "run"))
+    assert np.isfinite(result["val/kl"])
+    student, tokenizer = hf.load_hf(str(tmp_path / "hf_student"))
+    assert tokenizer.fingerprint == t.tokenizer.fingerprint
+    assert student.cfg.num_layers == config.model.num_layers
+
+
+def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
+    from kdjax.data import corpus, tokenizer as tokenizer_lib
+    from kdjax.models import hf
+
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)
+    # Same vocabulary size, other merges: only the ids differ.
+    texts = corpus.read_files(corpus.stdlib_files(max_files=40)[-20:])
+    other = tokenizer_lib.train_bpe(texts, vocab_size=t.tokenizer.vocab_size)
+    assert other.vocab_size == t.tokenizer.vocab_size and other.fingerprint != t.tokenizer.fingerprint
+    hf.save_hf(str(tmp_path / "hf_student"), t.model(), other)
+    config = distill_cfg(teacher, mode="online", loss="fkl")
+    config.student.hf_path = str(tmp_path / "hf_student")
+    with pytest.raises(ValueError, match="tokenizer mismatch between teacher"):
+        lm_distill.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
