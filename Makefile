@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   install into .venv if needed, then run the main job on the built-in corpus
 #   make test   install into .venv if needed, then run the whole test suite on 2 cores
+#   make bench  the side-by-side benchmarks; writes docs/benchmarks.md
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -24,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
+
+# CPU-sized benchmarks, under 10 minutes (the first run also pretrains the store benchmark's teacher):
+# writes docs/benchmarks.md, docs/bench_*.png and docs/store.md
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all --out docs
 
 clean:
 	rm -rf $(VENV) workdirs
