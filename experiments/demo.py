@@ -91,7 +91,8 @@ def write_results(workdir, rows, teacher_val, teacher_s, store_s, config):
         f"{teacher_val['val/perplexity']:.1f}. Store: top-{config.store_k} {config.store_dtype} ({store_s:.0f} s).",
         f"Student: {config.student.model.num_layers} layers x {config.student.model.embed_dim}, "
         f"{config.student.steps} steps of {config.student.batch_size} x {config.student.data.seq_len} tokens each, "
-        "same data order in every run. Metrics on held-out standard-library files (T = 1).",
+        f"same data order in every run; distillation runs use {config.student.ce_alpha} x CE + "
+        f"{1 - config.student.ce_alpha} x divergence. Metrics on held-out standard-library files (T = 1).",
         "",
         "| run | val perplexity | vs CE only | KL(teacher ‖ student) | top-1 agreement | acceptance | wall time |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -85,6 +85,8 @@ def make_loss_fn(
     batch: `tokens` [B, T+1] (+ `mask` [B, T]); offline adds `teacher_ids`, `teacher_logprobs` [B, T, k]
     and `teacher_tail_logprob` [B, T].  frozen: the teacher's params (online / on_policy / seqkd).
     aux: `ce`, `kd` and, on_policy, `on_policy` (the fraction of batches that used student samples).
+    On a batch of student samples the divergence covers the sampled positions and the `ce_alpha` term only the
+    prompt's (real) labels: the student is never trained with CE on its own samples.
     """
     check_loss(mode, loss)
     hparams = hparams or {}
@@ -122,22 +124,29 @@ def make_loss_fn(
         mask = batch.get("mask", jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32))
         teacher = None if frozen is None else nnx.merge(teacher_graphdef, frozen)
         aux = {}
+        # Hard labels are only ever real data: on a batch of student samples the CE term sees the prompt's
+        # labels alone (training on its own samples would teach the student its own mistakes).
+        ce_mask = mask
         if mode == "on_policy":
             use_key, sample_key = jax.random.split(rng)
             use = jax.random.uniform(use_key) < on_policy_fraction
             graphdef, params = nnx.split(model)
-            tokens, mask = jax.lax.cond(
+            real_labels = (jnp.arange(mask.shape[1]) < prompt_len - 1).astype(mask.dtype)[None, :] * mask
+            tokens, mask, ce_mask = jax.lax.cond(
                 use,
-                lambda: _rollout(
-                    graphdef,
-                    params,
-                    tokens,
-                    sample_key,
-                    prompt_len=prompt_len,
-                    temperature=sample_temperature,
-                    eos_id=eos_id,
+                lambda: (
+                    *_rollout(
+                        graphdef,
+                        params,
+                        tokens,
+                        sample_key,
+                        prompt_len=prompt_len,
+                        temperature=sample_temperature,
+                        eos_id=eos_id,
+                    ),
+                    real_labels,
                 ),
-                lambda: (tokens, mask),
+                lambda: (tokens, mask, mask),
             )
             aux["on_policy"] = (use.astype(jnp.float32), jnp.ones(()))
         elif mode == "seqkd":
@@ -151,17 +160,19 @@ def make_loss_fn(
                 temperature=sample_temperature,
                 eos_id=eos_id,
             )
+            ce_mask = mask  # seqkd's targets are the teacher's samples: that is the method
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         student_logits = model(inputs)
-        ce_sum, count = losses.cross_entropy(student_logits, labels, mask)
-        aux["ce"] = (ce_sum, count)
+        ce_sum, ce_count = losses.cross_entropy(student_logits, labels, ce_mask)
+        aux["ce"] = (ce_sum, ce_count)
         if loss == "ce":
-            return ce_sum, count, aux
+            return ce_sum, ce_count, aux
         teacher_logits = None
         if mode != "offline":
             teacher_logits = jax.lax.stop_gradient(teacher(inputs))
-        kd_sum, _ = divergence(student_logits, batch, teacher_logits, mask, extra)
+        kd_sum, count = divergence(student_logits, batch, teacher_logits, mask, extra)
         aux["kd"] = (kd_sum, count)
+        # Normalised by the divergence's token count; on a sampled batch the CE sum (prompt labels) rides along.
         return ce_alpha * ce_sum + (1.0 - ce_alpha) * kd_sum, count, aux
 
     return loss_fn

@@ -220,3 +220,30 @@ def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
     with pytest.raises(ValueError, match="tokenizer mismatch between teacher"):
         lm_distill.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_on_policy_never_trains_ce_on_student_samples(teacher):
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)
+    tokens = _one_batch(teacher)["tokens"]
+    model = t.model()
+    prompt_len = 8
+    fn = distill.make_loss_fn(
+        mode="on_policy",
+        loss="fkl",
+        on_policy_fraction=1.0,
+        prompt_len=prompt_len,
+        ce_alpha=0.5,
+        teacher_graphdef=t.graphdef,
+    )
+    _, count, aux = fn(model, {"tokens": tokens}, jax.random.key(0), t.params, {})
+    ce_sum, ce_count = aux["ce"]
+    # CE only on the prompt's labels (real data), the divergence on the sampled positions.
+    assert float(ce_count) == tokens.shape[0] * (prompt_len - 1)
+    assert float(count) == tokens.shape[0] * (tokens.shape[1] - prompt_len)
+    want, _ = losses.cross_entropy(
+        model(tokens[:, : prompt_len - 1]),
+        tokens[:, 1:prompt_len],
+        jnp.ones((tokens.shape[0], prompt_len - 1)),
+    )
+    np.testing.assert_allclose(float(ce_sum), float(want), rtol=1e-5)
