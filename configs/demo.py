@@ -23,20 +23,20 @@ def get_config(arg=None):
     config.teacher.model.num_kv_heads = 2
     config.teacher.model.head_dim = 64
     config.teacher.model.mlp_dim = 1024
-    config.teacher.steps = 180
-    config.teacher.warmup_steps = 18
-    config.teacher.eval_every = 180
-    config.teacher.checkpoint_every = 60
+    config.teacher.steps = 150
+    config.teacher.warmup_steps = 15
+    config.teacher.eval_every = 150
+    config.teacher.checkpoint_every = 50
 
     config.store_k = 32
     config.store_dtype = "bfloat16"
 
     config.student = lm_distill.get_config()  # the student architecture and optimizer, shared by every run
     config.student.data = data
-    config.student.steps = 120
-    config.student.warmup_steps = 12
-    config.student.eval_every = 120
-    config.student.checkpoint_every = 60
+    config.student.steps = 100
+    config.student.warmup_steps = 10
+    config.student.eval_every = 100
+    config.student.checkpoint_every = 50
     config.student.prompt_len = 96  # on-policy: the student samples the last quarter of each sequence
     # Every distillation run mixes in hard-label CE (Hinton et al.'s recipe): a top-k store says nothing about
     # how the tail mass is spread, and the labels do.  The CE-only baseline ignores it (loss "ce").
