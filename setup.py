@@ -26,12 +26,14 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "numpy==2.4.6",
     "absl-py==2.5.1",
+    # The diffusion experiments' default image data set: the 8x8 digits that ship inside the wheel.
+    "scikit-learn==1.9.1",
 ]
 
 EXTRAS_REQUIRE = {
     # torch only to compare against PyTorch / transformers; 2.13.0 exactly is the CPU wheel on disk here
     # (any looser spec downloads a multi-GB CUDA build).
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "scikit-learn==1.9.1"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"],
 }
 
 setup(

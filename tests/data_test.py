@@ -31,8 +31,8 @@ from kdjax.data.tokenizer import (
     Tokenizer,
     get_or_train_tokenizer,
     train_bpe,
-    write_atomically,
 )
+from kdjax.hostio import write_atomically
 
 SMALL_VOCAB = 512
 SAMPLE_FILES = 40

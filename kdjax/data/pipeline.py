@@ -25,7 +25,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from kdjax.data.tokenizer import Tokenizer, write_atomically
+from kdjax.data.tokenizer import Tokenizer
+from kdjax.hostio import write_atomically
 
 # Documents per `encode_batch` call: bounds the Python lists of ids alive at once.
 _ENCODE_CHUNK = 256

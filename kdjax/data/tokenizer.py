@@ -14,44 +14,16 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from kdjax.hostio import write_atomically
+
 EOS = "<|endoftext|>"
 # 256 byte tokens + EOS: below this BPE has nothing to learn and some bytes have no id.
 MIN_VOCAB_SIZE = 257
-
-
-def write_atomically(path: str | os.PathLike, data: bytes | Callable[[object], None]) -> None:
-    """Writes `path` via a temporary file in the same directory and `os.replace`.
-
-    A process killed mid-write leaves at most a stray temp file, never a truncated `path`;
-    concurrent writers (several hosts preparing the same cache) each replace it whole.
-
-    Args:
-      path: destination; parent directories are created.
-      data: the bytes, or a function that writes them to a binary file object.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp creates 0600; a cache shared between users/hosts should be readable.
-            os.fchmod(f.fileno(), 0o644)
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fsync(f.fileno())  # Survive a machine crash too, not just a killed process.
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
