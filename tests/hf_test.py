@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import shutil
 import string
 import textwrap
@@ -26,26 +27,55 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kdjax import sharding, steps
-from kdjax.data.tokenizer import Tokenizer, train_bpe
-from kdjax.models import hf
+from kdjax import hf, sharding, steps
+from kdjax.data import hf_tokenizer
+from kdjax.data.tokenizer import EOS, Tokenizer, train_bpe
+from kdjax.hf import config as hf_config_lib
+from kdjax.hf import safetensors_io
 from kdjax.models.transformer import Transformer, TransformerConfig
 
 V = 300
-ATOL = 1e-4
+ATOL = 1e-4  # HF checkpoints drawn with large random weights: logits of several units
+EXPORT_ATOL = 1e-5  # kdjax students after two steps: what an export must reproduce in transformers
 SAMPLE_TEXTS = [
     "Hello world, this is kdjax.",
     "naïve café: 日本語 and emoji 🙂 too",
     "  leading spaces,\ttabs\n\nand newlines   ",
     "numbers 1234567890 and 3.14159",
     "def f(x):\n    return x ** 2  # square\n",
+    "a literal <|endoftext|> in a document",
+    "NFD cafe\u0301 vs NFC café, digits 2024 and 1234567890",
 ]
+TRAIN_TEXTS = [inspect.getsource(m) for m in (json, os, shutil, string, textwrap)]
+
+
+def qwen_style_tokenizer(texts, *, vocab_size):
+    """A byte-level BPE with Qwen2's normalizer and pre-tokenizer (taken from transformers' own
+    `Qwen2Tokenizer`), trained with `tokenizers`: the tokenizer.json a real Qwen2 checkpoint ships."""
+    pipeline = transformers.Qwen2Tokenizer().backend_tokenizer
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.normalizer, tok.pre_tokenizer = pipeline.normalizer, pipeline.pre_tokenizer
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert tok.get_vocab_size() == vocab_size
+    return Tokenizer(tok)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [inspect.getsource(m) for m in (json, os, shutil, string, textwrap)]
-    return train_bpe(texts, vocab_size=V)
+    """kdjax's own tokenizer: GPT-2's split regex, no normalizer."""
+    return train_bpe(TRAIN_TEXTS, vocab_size=V)
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    return qwen_style_tokenizer(TRAIN_TEXTS, vocab_size=V)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,17 +207,25 @@ def test_load_onto_mesh_places_each_slice(tokenizer, tmp_path):
 # kdjax -> HF
 
 KD_BASE = dict(vocab_size=V, num_layers=2, embed_dim=32, num_heads=4, head_dim=8, mlp_dim=48, max_len=24)
-# Three students (each costs a train-step compile), written out as five HF families.
-LLAMA_GQA = TransformerConfig.llama(**KD_BASE, num_kv_heads=2, rope_theta=500.0)
-# Tied, and with q/k/v biases but none on o: by default written as llama with attention_bias and an
-# all-zero o_proj bias (so that AutoTokenizer keeps our tokenizer), or as qwen2 on request.
-LLAMA_TIED = TransformerConfig.llama(**KD_BASE, num_kv_heads=4, tie_embeddings=True, qkv_bias=True)
-KD_CASES = {  # name: (config, model_type passed to save_hf, the class transformers loads)
-    "gpt2": (TransformerConfig.gpt2(**KD_BASE), None, "GPT2LMHeadModel"),
-    "llama": (LLAMA_GQA, None, "LlamaForCausalLM"),
-    "llama_tied": (LLAMA_TIED, None, "LlamaForCausalLM"),
-    "qwen2": (LLAMA_TIED, "qwen2", "Qwen2ForCausalLM"),
-    "mistral": (LLAMA_GQA, "mistral", "MistralForCausalLM"),
+# Four students (each costs a train-step compile), written out as the four HF families.
+GPT2 = TransformerConfig.gpt2(**KD_BASE)
+LLAMA_GQA = TransformerConfig.llama(**KD_BASE, num_kv_heads=2, rope_theta=500.0)  # untied, no biases
+# Tied, with biases on q, k, v and o: llama's attention_bias.
+LLAMA_TIED = TransformerConfig.llama(
+    **KD_BASE, num_kv_heads=4, tie_embeddings=True, qkv_bias=True, out_bias=True
+)
+# Qwen2's layout: biases on q, k, v, none on o.
+QWEN_LAYOUT = TransformerConfig.llama(**KD_BASE, num_kv_heads=2, tie_embeddings=True, qkv_bias=True)
+KD_CASES = {  # name: (config, tokenizer fixture, model_type given to save_hf, the class transformers loads)
+    "gpt2": (GPT2, "tokenizer", None, "GPT2LMHeadModel"),
+    "llama": (LLAMA_GQA, "tokenizer", None, "LlamaForCausalLM"),
+    "llama_tied": (LLAMA_TIED, "tokenizer", None, "LlamaForCausalLM"),
+    # Qwen2's layout is written as Qwen2 by default when AutoTokenizer (which always rebuilds a qwen2
+    # tokenizer with Qwen's pipeline) reproduces the tokenizer: a real Qwen2 tokenizer does ...
+    "qwen2": (QWEN_LAYOUT, "qwen_tokenizer", None, "Qwen2ForCausalLM"),
+    # ... kdjax's GPT-2-style one does not, so that student is written as llama with a zero o_proj bias.
+    "qwen_layout_kdjax_tokenizer": (QWEN_LAYOUT, "tokenizer", None, "LlamaForCausalLM"),
+    "mistral": (LLAMA_GQA, "tokenizer", "mistral", "MistralForCausalLM"),
 }
 
 
@@ -228,23 +266,46 @@ def flat_params(model):
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def assert_same_ids(path, tokenizer):
+    """`AutoTokenizer.from_pretrained(path)` encodes like kdjax (unicode, NFD, whitespace, digits, a literal
+    "<|endoftext|>"), and its EOS / PAD are kdjax's EOS."""
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    for text in SAMPLE_TEXTS + list(hf_tokenizer.PROBE_TEXTS):
+        assert hf_tok(text)["input_ids"] == tokenizer.encode(text), text
+    assert hf_tok.eos_token_id == hf_tok.pad_token_id == tokenizer.eos_id
+    return hf_tok
+
+
 @pytest.mark.parametrize("case", list(KD_CASES))
-def test_kdjax_to_hf_after_training(case, tokenizer, tmp_path):
-    cfg, model_type, hf_class = KD_CASES[case]
+def test_kdjax_to_hf_after_training(case, request, tmp_path):
+    cfg, tokenizer_fixture, model_type, hf_class = KD_CASES[case]
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
     student = nnx.merge(*train_two_steps(cfg))
     path = str(tmp_path / "export")
-    hf.save_hf(path, student, tokenizer, model_type=model_type)
+    written = hf.save_hf(path, student, tokenizer, model_type=model_type)
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f) == written
 
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     assert type(torch_model).__name__ == hf_class
     tokens = random_tokens(4)
     want = forward(student, tokens)
-    np.testing.assert_allclose(hf_logits(torch_model, tokens), want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(hf_logits(torch_model, tokens), want, atol=EXPORT_ATOL, rtol=0)
+    hf_tok = assert_same_ids(path, tokenizer)
+
+    # The length limit comes from the model, not from the training length (max_len = 24): GPT-2 keeps its
+    # learned table; RoPE has no learned limit, so the export states transformers' default for the family.
+    limit = written.get("n_positions", written.get("max_position_embeddings"))
+    if cfg.positions == "learned":
+        assert limit == cfg.max_len == torch_model.transformer.wpe.weight.shape[0]
+    else:
+        assert limit == transformers.AutoConfig.for_model(written["model_type"]).max_position_embeddings
+    assert hf_tok.model_max_length == limit
 
     # kdjax -> HF -> kdjax is the identity on parameters, bit for bit.
-    reloaded, tok = hf.load_hf(path)
+    reloaded, tok = hf.load_hf(path, max_len=cfg.max_len)
     before, after = flat_params(student), flat_params(reloaded)
-    if case == "llama_tied":  # the zero o_proj bias the llama layout needs comes back as a parameter
+    if hf_class == "LlamaForCausalLM" and cfg.qkv_bias and not cfg.out_bias:  # its zero o_proj bias comes back
         assert reloaded.cfg.out_bias
         assert not any(after.pop(("blocks", i, "attn", "bo")).any() for i in range(cfg.num_layers))
     assert before.keys() == after.keys()
@@ -252,11 +313,36 @@ def test_kdjax_to_hf_after_training(case, tokenizer, tmp_path):
         np.testing.assert_array_equal(after[key], before[key], err_msg=str(key))
     assert tok.fingerprint == tokenizer.fingerprint
 
-    if model_type != "qwen2":  # transformers 5 rebuilds any qwen2 tokenizer with Qwen's pre-tokenizer
-        hf_tok = transformers.AutoTokenizer.from_pretrained(path)
-        for text in SAMPLE_TEXTS:
-            assert hf_tok(text)["input_ids"] == tokenizer.encode(text), text
-        assert hf_tok.eos_token_id == hf_tok.pad_token_id == tokenizer.eos_id
+
+def test_qwen2_export_of_a_tokenizer_transformers_would_rebuild_is_refused(tokenizer, tmp_path):
+    """Asked for explicitly, qwen2 with kdjax's GPT-2-style tokenizer is refused before anything is written:
+    AutoTokenizer would load it as Qwen2Tokenizer with Qwen's normalizer and give other ids."""
+    path = tmp_path / "export"
+    with pytest.raises(ValueError, match=r"as qwen2 because AutoTokenizer loads it as Qwen2Tokenizer, whose normalizer"):
+        hf.save_hf(path, Transformer(QWEN_LAYOUT, rngs=nnx.Rngs(0)), tokenizer, model_type="qwen2")
+    assert os.listdir(tmp_path) == []
+    # The tokenizer files alone show why: under qwen2 the decomposed "é" is composed (NFC) first.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "config.json").write_text(json.dumps(hf.kdjax_to_hf_config(QWEN_LAYOUT, tokenizer)))
+    hf_tokenizer.save_tokenizer_files(probe, tokenizer, model_max_length=64)
+    qwen_tok = transformers.AutoTokenizer.from_pretrained(probe)
+    assert type(qwen_tok).__name__ == "Qwen2Tokenizer"
+    assert qwen_tok("cafe\u0301")["input_ids"] != tokenizer.encode("cafe\u0301")
+
+
+def test_export_length_from_the_source_checkpoint(tokenizer, tmp_path):
+    """A model that came from HF keeps its checkpoint's max_position_embeddings when passed through, and a
+    GPT-2 table cannot be declared longer than it is."""
+    src = save_hf_dir(random_hf_model("llama"), tokenizer, tmp_path / "src")
+    ckpt = hf.load_hf_params(src, max_len=16)  # e.g. loaded for training on 16-token sequences
+    limit = ckpt.hf_config["max_position_embeddings"]
+    written = hf.save_hf(tmp_path / "out", ckpt.model(), ckpt.tokenizer, max_positions=limit)
+    assert written["max_position_embeddings"] == limit == 32 and ckpt.config.max_len == 16
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").model_max_length == limit
+    with pytest.raises(ValueError, match="exactly 24 learned positions"):
+        hf.save_hf(tmp_path / "gpt2", Transformer(GPT2, rngs=nnx.Rngs(0)), tokenizer, max_positions=48)
+    assert not (tmp_path / "gpt2").exists()
 
 
 def test_bfloat16_export(tokenizer, tmp_path):
@@ -297,7 +383,7 @@ def test_save_is_atomic(tokenizer, tmp_path, monkeypatch):
     def crash(*args, **kw):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hf, "_write_safetensors", crash)
+    monkeypatch.setattr(safetensors_io, "write_safetensors", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         hf.save_hf(path, Transformer(LLAMA_TIED, rngs=nnx.Rngs(1)), tokenizer)
     assert (path / "model.safetensors").read_bytes() == first  # the old export is untouched
@@ -310,20 +396,28 @@ def test_save_is_atomic(tokenizer, tmp_path, monkeypatch):
     other.mkdir()
     (other / "todo.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a Hugging Face export"):
+        hf.check_export_dir(other)  # what an experiment calls before training
+    with pytest.raises(FileExistsError, match="not a Hugging Face export"):
         hf.save_hf(other, model, tokenizer)
     assert sorted(os.listdir(tmp_path)) == ["export", "notes"]
+    assert os.listdir(other) == ["todo.txt"]
 
 
 def test_config_round_trip():
-    for cfg, model_type, _ in KD_CASES.values():
+    for cfg, _, model_type, _ in KD_CASES.values():
         hf_config = hf.kdjax_to_hf_config(cfg, model_type=model_type)
         back = hf.hf_config_to_kdjax(json.loads(json.dumps(hf_config)))
-        if hf_config["model_type"] == "llama" and cfg.qkv_bias:
-            back = dataclasses.replace(back, out_bias=cfg.out_bias)  # the zero o_proj bias
+        if cfg.positions == "rope":  # the export states the family's limit, not the training length
+            assert back.max_len == hf_config["max_position_embeddings"] > cfg.max_len
+            back = dataclasses.replace(back, max_len=cfg.max_len)
         assert back == cfg
+    # Qwen2's layout written as llama holds a zero o_proj bias: out_bias comes back, nothing else changes.
+    back = hf.hf_config_to_kdjax(hf.kdjax_to_hf_config(QWEN_LAYOUT, model_type="llama"), max_len=24)
+    assert back == dataclasses.replace(QWEN_LAYOUT, out_bias=True)
     # A Mistral export states "no window": left out, transformers would default to 4096 tokens.
     assert hf.kdjax_to_hf_config(LLAMA_GQA, model_type="mistral")["sliding_window"] is None
-
+    with pytest.raises(ValueError, match="cannot be written as mistral"):
+        hf.kdjax_to_hf_config(QWEN_LAYOUT, model_type="mistral")
 
 # ---------------------------------------------------------------------------------------------------------
 # Bad input
@@ -449,10 +543,17 @@ def test_compare_tokenizers(tokenizer):
     msg = hf.compare_tokenizers(tokenizer, prefixed, SAMPLE_TEXTS)
     assert msg.startswith("tokenizers differ on sample text 0 ('Hello world") and "position 0" in msg
 
+    # The same file read with another EOS token is another tokenizer.
+    other_eos = Tokenizer.from_str(tokenizer.to_str(), eos_token="a")
+    assert hf.compare_tokenizers(tokenizer, other_eos, SAMPLE_TEXTS).startswith("tokenizers differ: EOS id 0")
+
 
 def test_tokenizer_with_another_eos(tmp_path, llama_dir):
+    """A Llama-style tokenizer whose EOS is "</s>": found through tokenizer_config.json, or config.json's
+    eos_token_id, kept by an export, and reproduced by AutoTokenizer."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=V,
         special_tokens=["<unk>", "<s>", "</s>"],
@@ -460,8 +561,43 @@ def test_tokenizer_with_another_eos(tmp_path, llama_dir):
         show_progress=False,
     )
     tok.train_from_iterator([inspect.getsource(m) for m in (json, os, shutil)], trainer=trainer)
+    with pytest.raises(ValueError, match=re.escape("no EOS token '<|endoftext|>'")):
+        Tokenizer(tok)
+    direct = Tokenizer(tok, eos_token="</s>")
+    assert direct.eos_id == 2 and direct.eos_token == "</s>"
+    # The EOS is part of the fingerprint (packed streams are separated by it); the default is the file's hash.
+    assert direct.fingerprint != Tokenizer(tok, eos_token="<s>").fingerprint
+    assert Tokenizer(tok, eos_token="<s>").encode("a </s> b") == direct.encode("a </s> b")  # literal text
+
     path = shutil.copytree(llama_dir, tmp_path / "ckpt")
     tok.save(os.path.join(path, "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
-    _, loaded = hf.load_hf(path)
-    assert loaded.eos_id == 2 and loaded.encode("abc def") == tok.encode("abc def").ids
+    model, loaded = hf.load_hf(path)
+    assert loaded.eos_token == "</s>" and loaded.fingerprint == direct.fingerprint
+    assert loaded.encode("abc def") == tok.encode("abc def").ids
+    (path / "tokenizer_config.json").unlink()  # config.json's eos_token_id then names it
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    assert hf.load_hf(path)[1].eos_token == "</s>"
+
+    export = tmp_path / "export"
+    written = hf.save_hf(export, model, loaded)
+    assert written["eos_token_id"] == written["bos_token_id"] == 2
+    hf_tok = assert_same_ids(export, loaded)
+    assert hf_tok.eos_token == "</s>" and hf_tok("a </s> b")["input_ids"] == direct.encode("a </s> b")
+    assert hf.load_hf(export)[1].fingerprint == direct.fingerprint
+
+
+def test_eos_lookup_failures_are_named(tmp_path, llama_dir):
+    path = shutil.copytree(llama_dir, tmp_path / "ckpt")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["abc def"], trainer=tokenizers.trainers.BpeTrainer(show_progress=False))
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if "token_id" not in k}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="cannot tell the EOS token"):
+        hf.load_hf(path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+        hf.load_hf(path)

@@ -6,7 +6,9 @@ normalizer, no prefix space, no whitespace cleanup on decode.
 
 The only special token is EOS (`<|endoftext|>`, id 0); documents are joined with it when
 packed. Text that happens to contain the literal string "<|endoftext|>" is encoded as ordinary
-bytes (`encode_special_tokens`), so no document can inject a document boundary.
+bytes (`encode_special_tokens`), so no document can inject a document boundary.  A tokenizer
+loaded from elsewhere (a Hugging Face checkpoint's tokenizer.json) may name another EOS token
+(`Tokenizer(tok, eos_token="</s>")`, see `kdjax.data.hf_tokenizer`).
 """
 
 from __future__ import annotations
@@ -30,34 +32,41 @@ class Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` with the small interface kdjax uses.
 
     Token ids are Python ints in [0, vocab_size). Build with `train_bpe`, `from_file` or
-    `from_str`; the serialized JSON (what `save` writes) defines `fingerprint`.
+    `from_str`; the serialized JSON (what `save` writes) and the EOS token define `fingerprint`.
+
+    Args:
+      tokenizer: the `tokenizers.Tokenizer` (its JSON is what `save` writes).
+      eos_token: the token that ends (and separates) documents; it must be in the vocabulary.
+        kdjax's own tokenizers use "<|endoftext|>"; HF checkpoints may use e.g. "</s>".
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_token: str = EOS):
         self._tok = tokenizer
         self._json = tokenizer.to_str()
-        eos_id = tokenizer.token_to_id(EOS)
+        eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
-            raise ValueError(f"tokenizer has no {EOS!r} token")
-        self._eos_id = eos_id
-        # Not part of tokenizer.json, so it is set on every load: literal "<|endoftext|>"
-        # in a document must round-trip as text rather than become the EOS id.
+            raise ValueError(f"tokenizer has no EOS token {eos_token!r}")
+        self._eos_token, self._eos_id = eos_token, eos_id
+        # Not part of tokenizer.json, so it is set on every load: a special token's literal text
+        # ("<|endoftext|>") in a document must round-trip as text rather than become its id.
         self._tok.encode_special_tokens = True
 
     @classmethod
-    def from_str(cls, json_str: str) -> Tokenizer:
-        return cls(tokenizers.Tokenizer.from_str(json_str))
+    def from_str(cls, json_str: str, *, eos_token: str = EOS) -> Tokenizer:
+        return cls(tokenizers.Tokenizer.from_str(json_str), eos_token=eos_token)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        return cls.from_str(pathlib.Path(path).read_text(encoding="utf-8"))
+    def from_file(cls, path: str | os.PathLike, *, eos_token: str = EOS) -> Tokenizer:
+        return cls.from_str(pathlib.Path(path).read_text(encoding="utf-8"), eos_token=eos_token)
 
     def to_str(self) -> str:
         """The tokenizer.json contents."""
         return self._json
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes tokenizer.json atomically; `from_file(path)` has the same fingerprint."""
+        """Writes tokenizer.json atomically; `from_file(path, eos_token=self.eos_token)` has the same
+        fingerprint.  The EOS token is not part of tokenizer.json: `kdjax.data.hf_tokenizer.save_tokenizer_files`
+        also writes it (tokenizer_config.json)."""
         write_atomically(path, self._json.encode("utf-8"))
 
     @property
@@ -70,9 +79,18 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def eos_token(self) -> str:
+        return self._eos_token
+
+    @property
     def fingerprint(self) -> str:
-        """sha256 hex of the tokenizer.json contents: use it in names of derived caches."""
-        return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+        """sha256 hex of the tokenizer.json contents: use it in names of derived caches.
+
+        Another EOS token than "<|endoftext|>" is hashed in too (packed streams separate documents with
+        it); with the default the fingerprint is that of the file alone, as before the argument existed.
+        """
+        text = self._json if self._eos_token == EOS else f"{self._json}\0eos_token={self._eos_token}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; never contains `eos_id`."""
@@ -90,7 +108,8 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
+        eos = "" if self._eos_token == EOS else f", eos_token={self._eos_token!r}"
+        return f"Tokenizer(vocab_size={self.vocab_size}{eos}, fingerprint={self.fingerprint[:12]})"
 
 
 def train_bpe(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
