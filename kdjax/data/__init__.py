@@ -7,9 +7,14 @@ Typical use (an experiment):
   ds = train_dataset(PackedSequences(stream, L), batch_size=B, seed=0,
                      process_index=jax.process_index(), process_count=jax.process_count())
   it = train_iterator(ds)   # it.get_state() / it.set_state() for checkpoints
+
+A user's own text (text files, JSONL, Parquet, Arrow / `datasets` save_to_disk) comes from
+`local_sources.open_corpus("jsonl:/data/*.jsonl", text_field="text")`, whose `documents(split)`
+feeds the same functions; `text.load_text_data(corpus_name=...)` does all of the above in one call.
 """
 
-from kdjax.data import corpus
+from kdjax.data import corpus, local_sources
+from kdjax.data.local_sources import LocalCorpus, open_corpus
 from kdjax.data.pipeline import (
     PackedSequences,
     cached_token_stream,
@@ -24,6 +29,7 @@ from kdjax.data.tokenizer import EOS, Tokenizer, get_or_train_tokenizer, train_b
 
 __all__ = [
     "EOS",
+    "LocalCorpus",
     "PackedSequences",
     "TfdsDocuments",
     "Tokenizer",
@@ -32,6 +38,8 @@ __all__ = [
     "encode_documents",
     "eval_batches",
     "get_or_train_tokenizer",
+    "local_sources",
+    "open_corpus",
     "tfds_documents",
     "token_dtype",
     "train_bpe",

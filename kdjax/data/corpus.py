@@ -20,6 +20,8 @@ import sysconfig
 from collections.abc import Sequence
 
 SPLITS = ("train", "validation")
+# Bytes read at a time by `files_fingerprint`.
+_HASH_CHUNK = 1 << 20
 
 # Directory names dropped wherever they appear. Third-party code and test suites are not
 # "the standard library"; idlelib / lib2to3 / turtledemo are applications or deprecated tools
@@ -46,8 +48,12 @@ def _excluded_dir(name: str) -> bool:
     return name in EXCLUDED_DIRS or name.startswith("config-")
 
 
-def _hash_unit(text: str, *, salt: str) -> float:
-    """Maps `text` to [0, 1) with sha1: stable across processes and machines (unlike hash())."""
+def hash_unit(text: str, *, salt: str) -> float:
+    """Maps `text` to [0, 1) with sha1: stable across processes and machines (unlike hash()).
+
+    Shared by every corpus that splits or subsamples by name (kdjax.data.local_sources too), so
+    one documented rule decides which file or record is in which split.
+    """
     digest = hashlib.sha1(f"{salt}\0{text}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
@@ -80,13 +86,20 @@ def stdlib_files(
             if name.endswith(".py") and not name.startswith(EXCLUDED_FILE_PREFIXES):
                 files.append((rel_dir / name).as_posix())
     files.sort()
-    if max_files is not None:
-        if max_files < 1:
-            raise ValueError(f"max_files must be >= 1, got {max_files}")
-        # The salt keeps this choice independent of the split hash below; without it a small
-        # subset would be exactly the files with the lowest split scores, i.e. all validation.
-        files = sorted(sorted(files, key=lambda f: _hash_unit(f, salt="subset"))[:max_files])
-    return files
+    return files if max_files is None else subset_files(files, max_files=max_files)
+
+
+def subset_files(files: Sequence[str], *, max_files: int) -> list[str]:
+    """`max_files` of `files` chosen by a salted sha1 of each name, returned sorted.
+
+    A tiny subset samples the whole collection instead of the alphabetically first names, and the
+    subset for n is contained in the subset for n + 1. The salt keeps this choice independent of
+    the split hash: without it a small subset would be exactly the files with the lowest split
+    scores, i.e. all validation.
+    """
+    if max_files < 1:
+        raise ValueError(f"max_files must be >= 1, got {max_files}")
+    return sorted(sorted(files, key=lambda f: hash_unit(f, salt="subset"))[:max_files])
 
 
 def split_files(files: Sequence[str], *, val_fraction: float = 0.05) -> dict[str, list[str]]:
@@ -101,7 +114,7 @@ def split_files(files: Sequence[str], *, val_fraction: float = 0.05) -> dict[str
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if len(set(files)) != len(files):
         raise ValueError("files contains duplicates")
-    scores = {f: _hash_unit(f, salt="split") for f in files}
+    scores = {f: hash_unit(f, salt="split") for f in files}
     validation = {f for f in files if scores[f] < val_fraction}
     if len(files) >= 2 and not validation:
         validation = {min(files, key=scores.__getitem__)}
@@ -159,12 +172,23 @@ def files_fingerprint(files: Sequence[str], *, root: str | os.PathLike | None = 
     root = pathlib.Path(stdlib_root() if root is None else root)
     h = hashlib.sha256()
     for f in files:
-        data = (root / f).read_bytes()
         # Length-prefixing makes the encoding unambiguous (no two file lists hash alike by
         # shifting bytes between a name and a body).
-        for part in (f.encode("utf-8"), data):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
+        name = f.encode("utf-8")
+        h.update(len(name).to_bytes(8, "little"))
+        h.update(name)
+        with open(root / f, "rb") as stream:
+            # Read in chunks: a user's corpus file can be larger than memory. The length prefix
+            # must be the size actually hashed, so it is taken from the open file, and a file
+            # that changes size while being read is an error rather than a wrong fingerprint.
+            size = os.fstat(stream.fileno()).st_size
+            h.update(size.to_bytes(8, "little"))
+            hashed = 0
+            while chunk := stream.read(_HASH_CHUNK):
+                h.update(chunk)
+                hashed += len(chunk)
+        if hashed != size:
+            raise ValueError(f"{root / f} changed size while it was being fingerprinted")
     return h.hexdigest()
 
 
