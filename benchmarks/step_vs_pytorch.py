@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import distill, sharding, steps, teacher_store
+from kdjax import distill, hf, sharding, steps, teacher_store
 from kdjax.models.transformer import Transformer, TransformerConfig
 
 # Named sizes.  "issue" is the issue's configuration (about 20M teacher, 5M student); "cpu" is small enough for
@@ -181,58 +181,23 @@ def torch_jsd(student_logits, teacher_logits, beta=BETA):
 
 
 def torch_gpt2(cfg):
+    """A `transformers.GPT2LMHeadModel` of `cfg`'s shape (config.json keys from `kdjax.hf`, dropout 0)."""
     import transformers  # pylint: disable=g-import-not-at-top
 
-    hf = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_len,
-        n_embd=cfg.embed_dim,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.mlp_dim,
-        activation_function="gelu_new",  # the tanh approximation, as kdjax's GPT-2 MLP
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return transformers.GPT2LMHeadModel(hf)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config.from_dict(hf.kdjax_to_hf_config(cfg)))
 
 
 def copy_to_torch(graphdef, params, torch_model):
-    """Loads kdjax GPT-2 params into a `GPT2LMHeadModel` of the same shape (in place).
-
-    wq/wk/wv [D, H, E] -> c_attn [D, 3D] (HF's Conv1D stores [in, out]; heads are the outer factor of each
-    D-wide third, as HF splits them); wo [H, E, D] -> attn.c_proj [D, D]; w_up -> c_fc; w_down -> mlp.c_proj.
-    """
+    """Loads kdjax GPT-2 params into a `GPT2LMHeadModel` of the same shape (in place), through the tensor
+    layout `kdjax.hf.save_hf` writes (q|k|v fused into c_attn, Conv1D's [in, out] order)."""
     import torch  # pylint: disable=g-import-not-at-top
 
-    model = nnx.merge(graphdef, params)
-    d = model.cfg.embed_dim
-    t = lambda x: torch.from_numpy(np.array(x[...], dtype=np.float32))
-    tr = torch_model.transformer
-    with torch.no_grad():
-        tr.wte.weight.copy_(t(model.embed))
-        tr.wpe.weight.copy_(t(model.pos_embed))
-        for block, hf in zip(model.blocks, tr.h):
-            a, m = block.attn, block.mlp
-            hf.ln_1.weight.copy_(t(block.attn_norm.scale))
-            hf.ln_1.bias.copy_(t(block.attn_norm.bias))
-            hf.ln_2.weight.copy_(t(block.mlp_norm.scale))
-            hf.ln_2.bias.copy_(t(block.mlp_norm.bias))
-            hf.attn.c_attn.weight.copy_(torch.cat([t(w).reshape(d, -1) for w in (a.wq, a.wk, a.wv)], dim=1))
-            hf.attn.c_attn.bias.copy_(torch.cat([t(b).reshape(-1) for b in (a.bq, a.bk, a.bv)]))
-            hf.attn.c_proj.weight.copy_(t(a.wo).reshape(-1, d))
-            hf.attn.c_proj.bias.copy_(t(a.bo))
-            hf.mlp.c_fc.weight.copy_(t(m.w_up))
-            hf.mlp.c_fc.bias.copy_(t(m.b_up))
-            hf.mlp.c_proj.weight.copy_(t(m.w_down))
-            hf.mlp.c_proj.bias.copy_(t(m.b_down))
-        tr.ln_f.weight.copy_(t(model.final_norm.scale))
-        tr.ln_f.bias.copy_(t(model.final_norm.bias))
+    tensors = hf.hf_state_dict(nnx.merge(graphdef, params), model_type="gpt2")
+    state = {name: torch.tensor(np.asarray(x, np.float32)) for name, x in tensors.items()}
+    # The tied head and the causal-mask buffers are not in a checkpoint; everything else must be.
+    missing, unexpected = torch_model.load_state_dict(state, strict=False)
+    if unexpected or any(not name.endswith(("lm_head.weight", "attn.bias", "attn.masked_bias")) for name in missing):
+        raise AssertionError(f"layout mismatch: missing {missing}, unexpected {unexpected}")
 
 
 def make_torch(kd, size):

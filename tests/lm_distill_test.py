@@ -189,7 +189,7 @@ def test_vocabulary_mismatch_stops_before_training(teacher, tmp_path):
 
 
 def test_hugging_face_teacher_and_export(teacher, tmp_path):
-    from kdjax.models import hf
+    from kdjax import hf
 
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)
@@ -206,7 +206,7 @@ def test_hugging_face_teacher_and_export(teacher, tmp_path):
 
 def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
     from kdjax.data import corpus, tokenizer as tokenizer_lib
-    from kdjax.models import hf
+    from kdjax import hf
 
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)

@@ -100,6 +100,14 @@ def _weight_entries(model: Transformer, model_type: str, dtype: Optional[str]) -
     return entries
 
 
+def hf_state_dict(model: Transformer, *, model_type: Optional[str] = None) -> dict[str, np.ndarray]:
+    """{HF tensor name: host array} of `model` written as `model_type` (default: the first of
+    `hf_model_types`), in the params' dtypes: what `save_hf` writes, for an in-memory
+    `torch_model.load_state_dict` (a tied model has no lm_head.weight; HF ties it itself)."""
+    model_type = hf_model_types(model.cfg, model_type)[0]
+    return {e.name: e.produce() for e in _weight_entries(model, model_type, None)}
+
+
 def _replace_dir(tmp: str, path: str) -> None:
     """Moves the finished `tmp` to `path`; an existing export is swapped out whole, never half-overwritten."""
     try:
