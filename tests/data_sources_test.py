@@ -8,7 +8,6 @@ what the implementation returns.
 import hashlib
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -101,7 +100,9 @@ def write_source(kind, root, docs):
     if kind == "parquet":
         parts = {"part-0.parquet": docs[: len(docs) // 2], "part-1.parquet": docs[len(docs) // 2 :]}
         for rel, part in parts.items():
-            table = pa.table({"id": np.arange(len(part)), "content": part})
+            # Both string layouts Arrow has: "string" (int32 offsets) and "large_string" (int64).
+            text_type = pa.large_string() if rel.startswith("part-1") else pa.string()
+            table = pa.table({"id": np.arange(len(part)), "content": pa.array(part, text_type)})
             pq.write_table(table, root / rel, row_group_size=5)  # several row groups per file
         records = [(rel, j, d) for rel in sorted(parts) for j, d in enumerate(parts[rel])]
         return f"parquet:{root}", {"text_column": "content"}, records
@@ -167,6 +168,20 @@ def test_a_glob_and_its_directory_are_the_same_corpus(tmp_path, monkeypatch):
     # A relative glob (cwd-relative) resolves to the same relative paths.
     monkeypatch.chdir(tmp_path)
     assert local_sources.open_corpus("files:data/**/*.txt").files == by_dir.files
+
+
+def test_arrow_file_format_and_a_glob_of_shards(tmp_path):
+    """Arrow IPC *file* format (Feather v2) read in glob order, batches in order, rows in order."""
+    docs = make_docs(14, seed=12)
+    for name, part in (("b.arrow", docs[6:]), ("a.arrow", docs[:6])):
+        table = pa.table({"text": part})
+        with pa.OSFile(str(tmp_path / name), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=4)
+    local = local_sources.open_corpus(f"arrow:{tmp_path}/*.arrow", val_fraction=0.0)
+    assert local.files == ("a.arrow", "b.arrow")
+    train, val = list(local.documents("train")), list(local.documents("validation"))
+    assert len(val) == 1 and sorted(train + val) == sorted(docs)  # val_fraction 0: the fix-up's one document
+    assert [d for rel in local.files for d in local.read_file(rel)] == docs
 
 
 @pytest.mark.parametrize("kind", ["files", "jsonl"])
