@@ -19,8 +19,8 @@ functions gives the [C, V] cotangent g of the logits, then ``dh = g @ w^T`` ([C,
 ``dw += h^T @ g`` ([D, V] float32, carried through the scan).  The backward pass only scales them by
 the incoming cotangent.  So the matmul FLOPs are those of the unfused path (1 forward, 2 backward), not
 the 4 of a rematerialised (`jax.checkpoint`) chunk.  Gradients flow to `h_btd` and `head.w` only: the
-teacher, the head's bias, the temperature and TAID's t are constants (stop_gradient), as in every
-distillation step.  The `(sum, count)` pairs in `FusedLoss.ce` / `.kd` carry no gradient: differentiate
+teacher, the head's bias, the temperature, TAID's t and the two weights (which may be traced: distill's CE
+weight depends on the batch's mask counts) are constants (stop_gradient), as in every distillation step.  The `(sum, count)` pairs in `FusedLoss.ce` / `.kd` carry no gradient: differentiate
 `total` (set the weights to (1, 0) or (0, 1) for one term).
 
 Matmuls run in the inputs' dtype (bf16 hidden states and weights stay bf16 on the MXU) with float32
@@ -153,8 +153,8 @@ class _Spec:
     hparams: tuple  # sorted (name, value) pairs: hashable, static
     teacher: str  # "none" | "dense" | "topk"
     tail: str
-    ce_weight: float
-    kd_weight: float
+    ce_term: bool  # False when the weight is a static 0: the term is a value only, never differentiated
+    kd_term: bool
 
 
 def _check_shapes(h_btd, head, labels_bt, masks, teacher):
@@ -204,13 +204,13 @@ def _make_spec(loss, hparams, teacher, tail, taid_t, ce_weight, kd_weight):
     if tail not in losses.TAILS:
         raise ValueError(f"tail must be one of {losses.TAILS}, got {tail!r}.")
     for name, weight in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise TypeError(f"{name} must be a static Python float, got {type(weight).__name__}.")
+        if isinstance(weight, bool) or jnp.ndim(weight) != 0:
+            raise TypeError(f"{name} must be a scalar (a Python float or a traced 0-d array), got {weight!r}.")
     hparams = dict(hparams or {})
     if loss in ("ce", "taid") and hparams:
         raise ValueError(f"loss {loss!r} takes no hparams, got {sorted(hparams)}.")
     if loss == "ce":
-        if kd_weight != 0:
+        if not _is_static_zero(kd_weight):
             raise ValueError(f"loss 'ce' has no divergence term: kd_weight must be 0, got {kd_weight}.")
     else:
         if teacher is None:
@@ -224,7 +224,11 @@ def _make_spec(loss, hparams, teacher, tail, taid_t, ce_weight, kd_weight):
             jax.eval_shape(lambda p, q: losses.DIVERGENCES[loss](p, q, **hparams), probe, probe)
     kind = "none" if loss == "ce" else ("dense" if isinstance(teacher, DenseTeacher) else "topk")
     return _Spec(loss=loss, hparams=tuple(sorted(hparams.items())), teacher=kind, tail=tail,
-                 ce_weight=float(ce_weight), kd_weight=float(kd_weight))
+                 ce_term=not _is_static_zero(ce_weight), kd_term=not _is_static_zero(kd_weight))
+
+
+def _is_static_zero(weight):
+    return isinstance(weight, (int, float)) and weight == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def _kd_sums(spec, z_1cv, signal, mask_1c, temperature, t):
                           teacher_tail_logprob_bt=tail_1c, **hparams)
 
 
-def _objective(spec, z_cv, signal, labels_c, ce_mask_c, kd_mask_c, temperature, t):
+def _objective(spec, z_cv, signal, labels_c, ce_mask_c, kd_mask_c, temperature, t, weights):
     """(weighted total, [ce_sum, ce_count, kd_sum, kd_count]) of one chunk; the total is what gets a gradient."""
     z_1cv = z_cv[None]
     ce_sum, ce_count = losses.cross_entropy(z_1cv, labels_c[None], ce_mask_c[None])
@@ -300,17 +304,17 @@ def _objective(spec, z_cv, signal, labels_c, ce_mask_c, kd_mask_c, temperature, 
     if spec.loss != "ce":
         kd_sum, kd_count = _kd_sums(spec, z_1cv, signal, kd_mask_c[None], temperature, t)
     total = jnp.zeros((), jnp.float32)
-    # Static weights: a term weighted 0 is computed as a value but never differentiated.
-    if spec.ce_weight:
-        total = total + spec.ce_weight * ce_sum
-    if spec.kd_weight:
-        total = total + spec.kd_weight * kd_sum
+    # A term with a static weight of 0 is computed as a value but never differentiated.
+    if spec.ce_term:
+        total = total + weights[0] * ce_sum
+    if spec.kd_term:
+        total = total + weights[1] * kd_sum
     sums = jnp.stack([ce_sum, ce_count, kd_sum, kd_count]).astype(jnp.float32)
     return total.astype(jnp.float32), jax.lax.stop_gradient(sums)
 
 
 def _scan(spec, layout, with_grad, h_ncd, w, bias_v, teacher_xs, teacher_head, labels_nc, ce_mask_nc,
-          kd_mask_nc, temperature, t):
+          kd_mask_nc, temperature, t, weights):
     """Scan over chunks; with_grad also returns (dh [n, C, D] float32, dw float32 in w's layout)."""
     head = Head(w=w, bias_v=bias_v, layout=layout)
     grad_dtype = _compute_dtype(h_ncd, w)
@@ -320,7 +324,7 @@ def _scan(spec, layout, with_grad, h_ncd, w, bias_v, teacher_xs, teacher_head, l
         z_cv = head_logits(h_cd, head)
         signal = _teacher_signal(spec.teacher, teacher_c, teacher_head)
         objective = functools.partial(_objective, spec, signal=signal, labels_c=labels_c, ce_mask_c=ce_c,
-                                      kd_mask_c=kd_c, temperature=temperature, t=t)
+                                      kd_mask_c=kd_c, temperature=temperature, t=t, weights=weights)
         if not with_grad:
             return dw, objective(z_cv)
         (total, sums), g_cv = jax.value_and_grad(objective, has_aux=True)(z_cv)
@@ -338,9 +342,10 @@ def _fused(spec, layout, h_dtype, w_dtype):
     """custom_vjp over the chunked arguments: the forward computes the gradient, the backward scales it."""
 
     @jax.custom_vjp
-    def fused(h_ncd, w, bias_v, teacher_xs, teacher_head, labels_nc, ce_mask_nc, kd_mask_nc, temperature, t):
+    def fused(h_ncd, w, bias_v, teacher_xs, teacher_head, labels_nc, ce_mask_nc, kd_mask_nc, temperature, t,
+              weights):
         return _scan(spec, layout, False, h_ncd, w, bias_v, teacher_xs, teacher_head, labels_nc, ce_mask_nc,
-                     kd_mask_nc, temperature, t)[0]
+                     kd_mask_nc, temperature, t, weights)[0]
 
     def fwd(*args):
         return _scan(spec, layout, True, *args)
@@ -348,7 +353,7 @@ def _fused(spec, layout, h_dtype, w_dtype):
     def bwd(grads, cotangents):
         dh_ncd, dw = grads
         g = cotangents[0]  # only `total` is differentiable: the sums are stop_gradient'ed by the caller
-        return ((g * dh_ncd).astype(h_dtype), (g * dw).astype(w_dtype)) + (None,) * 8
+        return ((g * dh_ncd).astype(h_dtype), (g * dw).astype(w_dtype)) + (None,) * 9
 
     fused.defvjp(fwd, bwd)
     return fused
@@ -383,7 +388,8 @@ def fused_loss(h_btd, head, labels_bt, ce_mask_bt, *, chunk_size, teacher=None, 
       temperature: T > 0 of the divergence (may be traced); CE is always at T = 1.
       taid_t: TAID's t in [0, 1] (may be traced); needed for loss="taid".
       tail: "renormalize" or "bucket", for a TopkTeacher.
-      ce_weight, kd_weight: static floats; distill passes (ce_alpha, 1 - ce_alpha), and (1, 0) for "ce".
+      ce_weight, kd_weight: scalars, Python floats or traced (no gradient), e.g. (ce_alpha * ce_scale,
+        1 - ce_alpha) from kdjax.distill, and (1, 0) for "ce".  A static 0 skips that term's gradient work.
     Returns:
       FusedLoss(total, ce=(sum, count), kd=(sum, count) or None): float32; only `total` has a gradient.
     """
@@ -403,6 +409,7 @@ def fused_loss(h_btd, head, labels_bt, ce_mask_bt, *, chunk_size, teacher=None, 
         _chunk(labels_bt, n, c), _chunk(ce_mask_bt, n, c), _chunk(kd_mask_bt, n, c),
         jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32)),
         None if taid_t is None else jax.lax.stop_gradient(jnp.asarray(taid_t, jnp.float32)),
+        jax.lax.stop_gradient(jnp.stack([jnp.asarray(ce_weight, jnp.float32), jnp.asarray(kd_weight, jnp.float32)])),
     )
     sums = jax.lax.stop_gradient(sums)
     return FusedLoss(total=total, ce=(sums[0], sums[1]), kd=None if loss == "ce" else (sums[2], sums[3]))

@@ -92,16 +92,19 @@ def _dense_teacher(teacher):
 @functools.lru_cache(maxsize=None)
 def _fused_all(kind, tail):
     """One jitted program for every loss (one compilation instead of seven):
-    fn(h, w, teacher, labels, temperature, t) -> [((total, (ce, kd)), (dh, dw)) per loss in LOSS_CASES]."""
+    fn(h, w, teacher, labels, temperature, t) -> [((total, (ce, kd)), (dh, dw)) per loss in LOSS_CASES].
+    The weights enter traced, as kdjax.distill's batch-dependent CE weight does (static ones: below)."""
 
-    def fused(loss, hparams, h, w, teacher, labels, temperature, t):
+    def fused(loss, hparams, h, w, teacher, labels, temperature, t, weights):
         teacher = _dense_teacher(teacher) if kind == "dense" else teacher
         out = fh.fused_loss(h, _student_head(w), labels, CE_MASK, chunk_size=CHUNK, teacher=teacher,
                             kd_mask_bt=KD_MASK, loss=loss, hparams=hparams, temperature=temperature,
-                            taid_t=t if loss == "taid" else None, tail=tail, ce_weight=CE_W, kd_weight=KD_W)
+                            taid_t=t if loss == "taid" else None, tail=tail, ce_weight=weights[0],
+                            kd_weight=weights[1])
         return out.total, (out.ce, out.kd)
 
     def run_all(*args):
+        args = (*args, jnp.asarray([CE_W, KD_W], jnp.float32))
         return [jax.value_and_grad(functools.partial(fused, loss, hparams), argnums=(0, 1), has_aux=True)(*args)
                 for loss, hparams in LOSS_CASES]
 
@@ -338,7 +341,7 @@ class BadInputTest(parameterized.TestCase):
         ("unknown_hparam", dict(loss="fkl", hparams={"beta": 0.5}), TypeError, "beta"),
         ("taid_without_t", dict(loss="taid"), ValueError, "taid_t"),
         ("ce_with_kd_weight", dict(loss="ce", kd_weight=0.5), ValueError, "kd_weight"),
-        ("traced_weight", dict(loss="fkl", kd_weight=jnp.float32(0.5)), TypeError, "static"),
+        ("vector_weight", dict(loss="fkl", kd_weight=jnp.ones(2)), TypeError, "scalar"),
         ("zero_chunk", dict(loss="fkl", chunk_size=0), ValueError, "chunk_size"),
         ("zero_temperature", dict(loss="fkl", temperature=0.0), ValueError, "temperature"),
         ("bad_layout", dict(loss="fkl", layout="vd"), ValueError, "does not match"),
