@@ -1,6 +1,8 @@
-"""A toy teacher and token source for the teacher-store tests; run as a script it writes a store.
+"""A toy teacher and token source for the teacher-store tests; run as a script it writes or reads a store.
 
-teacher_store_test.py runs this file in a subprocess (slowed by --delay) and SIGKILLs it mid-write.
+teacher_store_test.py runs this file in a subprocess: `PATH --delay_s 0.1` writes slowly, to be SIGKILLed
+mid-write; `PATH --read` iterates the store through StoreSource + the grain train iterator (prefetch
+threads) until the end or an error, to see what a run that hits a corrupt shard prints.
 Everything is deterministic from fixed seeds, so the subprocess and the test build the same
 teacher and data.
 """
@@ -19,6 +21,8 @@ SEQ_LEN = 16
 NUM_EXAMPLES = 40
 EXAMPLES_PER_SHARD = 8  # 5 shards
 BATCH_SIZE = 3  # batches straddle shards; the last one is padded
+# The store keeps the tokenizer's JSON verbatim and fingerprints it; it never parses it.
+TOKENIZER_JSON = '{"toy tokenizer": {"vocab_size": 300}}'
 
 
 def toy_apply(params, tokens_bt):
@@ -60,17 +64,30 @@ class TokenSource:
         return f"TokenSource(n={len(self)})"
 
 
-def manifest_for(params):
+def manifest_for(params, *, seed=0, dataset="toy", split="train"):
     return {
         "teacher_fingerprint": teacher_store.params_fingerprint(params),
-        "tokenizer_fingerprint": "sha256:toy-tokenizer",
-        "dataset": "toy",
-        "split": "train",
+        "teacher": teacher_store.teacher_record(description=f"toy teacher, seed {seed}"),
+        "dataset": dataset,
+        "split": split,
     }
 
 
-def write(path, *, k=8, vocab_size=VOCAB_SIZE, delay_s=0.0, process_index=0, process_count=1, source=None):
-    params, logits_fn = toy_teacher(vocab_size)
+def write(
+    path,
+    *,
+    k=8,
+    vocab_size=VOCAB_SIZE,
+    delay_s=0.0,
+    process_index=0,
+    process_count=1,
+    source=None,
+    seed=0,
+    dataset="toy",
+    split="train",
+    tokenizer=TOKENIZER_JSON,
+):
+    params, logits_fn = toy_teacher(vocab_size, seed=seed)
     return teacher_store.write_store(
         path,
         source=source or TokenSource(delay_s=delay_s),
@@ -78,16 +95,34 @@ def write(path, *, k=8, vocab_size=VOCAB_SIZE, delay_s=0.0, process_index=0, pro
         k=k,
         batch_size=BATCH_SIZE,
         examples_per_shard=EXAMPLES_PER_SHARD,
-        manifest=manifest_for(params),
+        manifest=manifest_for(params, seed=seed, dataset=dataset, split=split),
+        tokenizer=tokenizer,
         process_index=process_index,
         process_count=process_count,
         progress=False,
     )
 
 
+def read_through_grain(path, *, verify, num_threads):
+    """Every batch of one epoch through StoreSource + pipeline.train_iterator; prints how many it got."""
+    from kdjax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    source = teacher_store.StoreSource(TokenSource(), teacher_store.open_store(path, verify=verify))
+    dataset = pipeline.train_dataset(source, batch_size=4, seed=0, num_epochs=1)
+    iterator = pipeline.train_iterator(dataset, num_threads=num_threads)
+    count = sum(1 for _ in iterator)
+    print(f"read {count} batches")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("path")
     parser.add_argument("--delay_s", type=float, default=0.0)
+    parser.add_argument("--read", action="store_true", help="read the store instead of writing it")
+    parser.add_argument("--verify", default="lazy")
+    parser.add_argument("--num_threads", type=int, default=4)
     args = parser.parse_args()
-    write(args.path, delay_s=args.delay_s)
+    if args.read:
+        read_through_grain(args.path, verify=args.verify, num_threads=args.num_threads)
+    else:
+        write(args.path, delay_s=args.delay_s)
