@@ -112,7 +112,8 @@ class Conditioning(nnx.Module):
         self.w_time = _param(rngs, _dense_init(ff), (ff, d), (None, "embed"), pdt)
         self.b_time = _param(rngs, _zeros, (d,), ("embed",), pdt)
         if cfg.guidance_embed:
-            self.w_guidance = _param(rngs, _dense_init(ff), (ff, d), (None, "embed"), pdt)
+            # Zero: a student initialised from an unguided teacher starts as that teacher, whatever w is.
+            self.w_guidance = _param(rngs, _zeros, (ff, d), (None, "embed"), pdt)
         self.w_mix = _param(rngs, _dense_init(d), (d, d), ("embed", None), pdt)
         self.b_mix = _param(rngs, _zeros, (d,), (None,), pdt)
         self.classes = _param(rngs, _normal(1.0), (cfg.num_classes + 1, d), ("vocab", None), pdt)
