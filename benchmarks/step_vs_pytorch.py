@@ -196,7 +196,8 @@ def copy_to_torch(graphdef, params, torch_model):
     state = {name: torch.tensor(np.asarray(x, np.float32)) for name, x in tensors.items()}
     # The tied head and the causal-mask buffers are not in a checkpoint; everything else must be.
     missing, unexpected = torch_model.load_state_dict(state, strict=False)
-    if unexpected or any(not name.endswith(("lm_head.weight", "attn.bias", "attn.masked_bias")) for name in missing):
+    not_in_checkpoints = ("lm_head.weight", "attn.bias", "attn.masked_bias")
+    if unexpected or any(not name.endswith(not_in_checkpoints) for name in missing):
         raise AssertionError(f"layout mismatch: missing {missing}, unexpected {unexpected}")
 
 

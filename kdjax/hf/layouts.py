@@ -168,18 +168,20 @@ def _gpt2_block(cfg, b, blk):
     d, h, f = cfg.embed_dim, cfg.num_heads, cfg.mlp_dim
     attn, mlp = blk + ("attn",), blk + ("mlp",)
     qkv = tuple(
-        (attn + (n,), functools.partial(conv_qkv_part, part=j, heads=h)) for j, n in enumerate(("wq", "wk", "wv"))
+        (attn + (n,), functools.partial(conv_qkv_part, part=j, heads=h))
+        for j, n in enumerate(("wq", "wk", "wv"))
     )
     qkv_bias = tuple(
         (attn + (n,), functools.partial(conv_qkv_bias_part, part=j, heads=h))
         for j, n in enumerate(("bq", "bk", "bv"))
     )
+    to_out = functools.partial(conv_to_out, heads=h)
     return [
         single(b + "ln_1.weight", (d,), blk + ("attn_norm", "scale")),
         single(b + "ln_1.bias", (d,), blk + ("attn_norm", "bias")),
         HFTensor(b + "attn.c_attn.weight", (d, 3 * d), qkv, qkv_to_conv),
         HFTensor(b + "attn.c_attn.bias", (3 * d,), qkv_bias, qkv_bias_to_conv),
-        single(b + "attn.c_proj.weight", (d, d), attn + ("wo",), functools.partial(conv_to_out, heads=h), out_to_conv),
+        single(b + "attn.c_proj.weight", (d, d), attn + ("wo",), to_out, out_to_conv),
         single(b + "attn.c_proj.bias", (d,), attn + ("bo",)),
         single(b + "ln_2.weight", (d,), blk + ("mlp_norm", "scale")),
         single(b + "ln_2.bias", (d,), blk + ("mlp_norm", "bias")),
@@ -204,7 +206,8 @@ def _llama_block(cfg, model_type, b, blk):
     tensors = [single(b + "input_layernorm.weight", (d,), blk + ("attn_norm", "scale"))]
     for n, heads in (("q", h), ("k", k), ("v", k)):
         to_heads = functools.partial(linear_to_heads, heads=heads)
-        tensors.append(single(a + f"{n}_proj.weight", (heads * e, d), attn + (f"w{n}",), to_heads, heads_to_linear))
+        shape = (heads * e, d)
+        tensors.append(single(a + f"{n}_proj.weight", shape, attn + (f"w{n}",), to_heads, heads_to_linear))
     to_out = functools.partial(linear_to_out, heads=h)
     tensors.append(single(a + "o_proj.weight", (d, h * e), attn + ("wo",), to_out, out_to_linear))
     if cfg.qkv_bias:

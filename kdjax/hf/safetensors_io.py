@@ -105,7 +105,8 @@ def write_safetensors(path: str, entries: Sequence[Entry]) -> None:
     """Streams `entries` into one safetensors file, one tensor in host memory at a time (atomic, fsynced)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers refuses files without "format"
     for e in entries:
-        header[e.name] = dict(dtype=NP_TO_ST[e.dtype], shape=list(e.shape), data_offsets=[offset, offset + e.nbytes])
+        offsets = [offset, offset + e.nbytes]
+        header[e.name] = dict(dtype=NP_TO_ST[e.dtype], shape=list(e.shape), data_offsets=offsets)
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as safetensors itself does

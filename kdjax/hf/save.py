@@ -158,7 +158,9 @@ def save_hf(
     path = os.path.abspath(os.fspath(path))
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size} embeddings")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size} embeddings"
+        )
     if dtype not in (None, *DTYPE_NAMES):
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPE_NAMES}")
     check_export_dir(path)
