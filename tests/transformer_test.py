@@ -157,3 +157,41 @@ def test_filter_logits_top_k_and_top_p():
     for p, keep in ((0.5, [1, 0, 0, 0]), (0.7, [1, 1, 0, 0]), (0.8, [1, 1, 1, 0]), (1.0, [1, 1, 1, 1])):
         np.testing.assert_array_equal(np.isfinite(sampling.filter_logits(logits, top_p=p)), [keep])
     np.testing.assert_allclose(sampling.filter_logits(logits, temperature=2.0), logits / 2.0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ragged_cache_index_matches_full_forward_of_each_prefix(family):
+    """Per-row cache lengths: each row writes at its own offset with its own positions, and rolling a row
+    back (reusing a smaller index over slots that hold other tokens) equals a fresh forward of its prefix."""
+    cfg = make_config(family)
+    model = make_model(cfg)
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda params, x, cache, i: nnx.merge(graphdef, params).forward_cached(x, cache, i))
+    tokens = np.asarray(jax.random.randint(jax.random.key(11), (3, 12), 0, V))
+    lengths = np.array([2, 5, 3], np.int32)
+    # Slots at and past each row's length hold tokens of another sequence: stale entries to be ignored.
+    stale = np.asarray(jax.random.randint(jax.random.key(12), (3, 7), 0, V))
+    prefill = np.where(np.arange(7) < lengths[:, None], tokens[:, :7], stale)
+    _, cache = step(params, prefill, model.init_cache(3, 16), 0)
+    # Causal: position j's logits are those of the prefix tokens[:, :j + 1].
+    full_btv = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))(params, tokens)
+    for t in (3, 1, 2):  # ragged blocks of several tokens, then single tokens
+        new = np.stack([tokens[b, i : i + t] for b, i in enumerate(lengths)])
+        logits, cache = step(params, new, cache, lengths)
+        for b in range(3):
+            i = lengths[b]
+            np.testing.assert_allclose(logits[b], full_btv[b, i : i + t], atol=1e-5, rtol=1e-5)
+        lengths = lengths + t
+
+
+def test_learned_positions_past_max_len_stay_finite():
+    """Scratch tokens past max_len (speculative decoding's overhang) must not poison the valid ones with NaN."""
+    cfg = make_config("gpt2", max_len=8)
+    model = make_model(cfg)
+    tokens = jax.random.randint(jax.random.key(13), (2, 8), 0, V)
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda params, x, cache, i: nnx.merge(graphdef, params).forward_cached(x, cache, i))
+    _, cache = step(params, tokens[:, :7], model.init_cache(2, 11), 0)
+    logits, _ = step(params, jnp.concatenate([tokens[:, 7:], tokens[:, :3]], axis=1), cache, 7)
+    assert np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_allclose(logits[:, 0], model(tokens)[:, 7], atol=1e-5, rtol=1e-5)

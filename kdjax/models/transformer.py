@@ -191,7 +191,8 @@ class Attention(nnx.Module):
         """Returns (y_btd, new_cache).  Without a cache, attends causally within x.
 
         With `cache={'k': [B,S,K,E], 'v': [B,S,K,E]}` the new keys/values are written at
-        [cache_index, cache_index + T) and queries attend to every cached position <= their own.
+        [cache_index, cache_index + T) (`cache_index` a scalar, or [B] with one offset per row) and queries
+        attend to every cache slot <= their own position (`positions_bt`, the slot they are written to).
         """
         cfg, dt = self.cfg, _DTYPES[self.cfg.dtype]
         x = x_btd.astype(dt)
@@ -206,15 +207,11 @@ class Attention(nnx.Module):
             keys, values, key_pos_bs = k, v, positions_bt
             new_cache = None
         else:
-            keys = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1
-            )
-            values = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1
-            )
+            keys, values = _write_cache(cache["k"], k, cache_index), _write_cache(cache["v"], v, cache_index)
             new_cache = {"k": keys, "v": values}
             s = keys.shape[1]
-            # Slots past the write head hold stale or zero entries; the causal test below excludes them.
+            # Slots past a row's write head hold zeros or stale entries (e.g. tokens a speculative decoder
+            # rejected: rolling back is resetting the row's length); the causal test below excludes them.
             key_pos_bs = jnp.broadcast_to(jnp.arange(s), (x.shape[0], s))
             keys, values = keys.astype(dt), values.astype(dt)
         b, t, h, e = q.shape
@@ -229,6 +226,15 @@ class Attention(nnx.Module):
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
         return y, new_cache
+
+
+def _write_cache(cache_bske, new_btke, index):
+    """Writes T new entries at slots [index, index + T) of each row; `index` is a scalar or [B] per-row offsets."""
+    new_btke = new_btke.astype(cache_bske.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache_bske, new_btke, index, axis=1)
+    write_row = lambda c_ske, n_tke, i: jax.lax.dynamic_update_slice_in_dim(c_ske, n_tke, i, axis=0)
+    return jax.vmap(write_row)(cache_bske, new_btke, index)
 
 
 class MLP(nnx.Module):
@@ -336,12 +342,19 @@ class Transformer(nnx.Module):
     def forward_cached(self, tokens_bt, cache, cache_index):
         """Runs T new tokens at positions [cache_index, cache_index + T) against the cache.
 
-        Prefill is this call with the prompt and cache_index=0; decoding is this call with T=1.
-        Returns (logits_btv, new_cache).  Positions beyond `cache`'s length are an error of the caller.
+        `cache_index` is a scalar (every row at the same length) or an int [B] array (row b writes its T keys
+        and values at its own offset cache_index[b], its positions are cache_index[b] + arange(T), and its
+        queries see only its slots <= their position).  Prefill is this call with the prompt and
+        cache_index=0; decoding is this call with T=1.  Rolling a row back (speculative decoding's rejected
+        tokens) is calling again with a smaller index: stale slots past it are masked, then overwritten.
+        Returns (logits_btv, new_cache).  Slots beyond `cache`'s length are an error of the caller (the write
+        would be clamped); positions >= max_len only occur for scratch tokens whose outputs a caller discards,
+        and reuse the last learned position instead of reading past the table (which gives NaN).
         """
         t = tokens_bt.shape[1]
-        positions_bt = jnp.broadcast_to(cache_index + jnp.arange(t), tokens_bt.shape)
-        x = self._embed(tokens_bt, positions_bt)
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        positions_bt = jnp.broadcast_to(cache_index[..., None] + jnp.arange(t), tokens_bt.shape)
+        x = self._embed(tokens_bt, jnp.minimum(positions_bt, self.cfg.max_len - 1))
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block(x, positions_bt, layer_cache, cache_index)
