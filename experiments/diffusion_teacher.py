@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
@@ -95,8 +96,28 @@ def fixed_batch(source, n):
     return {"x": np.stack([r["x"] for r in rows]), "label": np.stack([r["label"] for r in rows]).astype(np.int32)}
 
 
-def batch_example(data, batch_size):
-    return {"x": np.zeros((batch_size, *data.data_shape), np.float32), "label": np.zeros((batch_size,), np.int32)}
+def chunk_size(config, mesh) -> int:
+    """Examples per grain element (see `images.ChunkedSource`): the largest of 32, 16, .., 1 that divides this
+    process's batch into a number of chunks the data-parallel mesh axes divide."""
+    local, dp = run.local_batch_size(config), mesh.shape["data"] * mesh.shape["fsdp"]
+    return next(c for c in (32, 16, 8, 4, 2, 1) if local % c == 0 and (local // c) % dp == 0 or c == 1)
+
+
+def training_data(source, config, mesh):
+    """(checkpointable iterator of chunked batches [B / chunk, chunk, ...], their shardings) for `source`."""
+    chunk = chunk_size(config, mesh)
+    chunked_config = ml_collections.ConfigDict({"batch_size": config.batch_size // chunk, "seed": config.seed})
+    data_iter = run.train_iterator(images.ChunkedSource(source, chunk, seed=config.seed), chunked_config)
+    local = run.local_batch_size(config) // chunk
+    first = source[0]
+    example = {"x": np.zeros((local, chunk, *np.shape(first["x"])), np.float32),
+               "label": np.zeros((local, chunk), np.int32)}
+    return data_iter, sharding.batch_shardings(example, mesh, tuple(config.sharding_rules))
+
+
+def chunked(loss_fn):
+    """A loss_fn on chunked batches: flattens [c, chunk, ...] to [c * chunk, ...] first."""
+    return lambda model, batch, rng, frozen, extra: loss_fn(model, images.flatten_chunks(batch), rng, frozen, extra)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -156,11 +177,11 @@ def train(config, workdir: str) -> dict:
 
     tx = run.make_optimizer(config)
     spec = steps.train_state_spec(lambda rngs: Denoiser(cfg, rngs=rngs), tx, seed=config.seed, mesh=mesh, rules=rules)
-    batch_sh = sharding.batch_shardings(batch_example(data, run.local_batch_size(config)), mesh, rules)
+    data_iter, batch_sh = training_data(data.train, config, mesh)
     train_step = steps.jit_train_step(
         graphdef=spec.graphdef,
         tx=tx,
-        loss_fn=teacher_loss_fn(cfg, p_uncond=config.p_uncond, weighting=config.weighting),
+        loss_fn=chunked(teacher_loss_fn(cfg, p_uncond=config.p_uncond, weighting=config.weighting)),
         state_shardings=spec.shardings,
         batch_shardings=batch_sh,
         mesh=mesh,
@@ -171,7 +192,7 @@ def train(config, workdir: str) -> dict:
         workdir,
         config,
         spec=spec,
-        data_iter=run.train_iterator(data.train, config),
+        data_iter=data_iter,
         train_step=train_step,
         batch_shardings=batch_sh,
         run_eval=lambda params: evaluate(params, eval_batch),
@@ -193,7 +214,7 @@ def classifier_config(config, data) -> ClassifierConfig:
 
 def classifier_run_config(config):
     """The classifier's own training config (kdjax.run keys), recorded in W/classifier/config.json."""
-    c = config.copy_and_resolve_references()
+    c = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy (the command line's is locked)
     c.steps, c.batch_size, c.learning_rate = config.classifier.steps, config.classifier.batch_size, config.classifier.learning_rate
     c.weight_decay = config.classifier.weight_decay
     c.warmup_steps = min(config.warmup_steps, c.steps - 1)
@@ -215,7 +236,7 @@ def train_classifier(config, workdir: str) -> dict:
     save_model_config(workdir, cfg)
     tx = run.make_optimizer(c)
     spec = steps.train_state_spec(lambda rngs: ImageClassifier(cfg, rngs=rngs), tx, seed=c.seed, mesh=mesh, rules=rules)
-    batch_sh = sharding.batch_shardings(batch_example(data, run.local_batch_size(c)), mesh, rules)
+    data_iter, batch_sh = training_data(data.train, c, mesh)
     noise_std = config.classifier.noise_std
 
     def loss_fn(model, batch, rng, frozen, extra):
@@ -223,12 +244,12 @@ def train_classifier(config, workdir: str) -> dict:
         ce = optax.softmax_cross_entropy_with_integer_labels(model(x), batch["label"])
         return jnp.sum(ce), jnp.asarray(ce.shape[0], jnp.float32), {"ce": (jnp.sum(ce), jnp.float32(ce.shape[0]))}
 
-    train_step = steps.jit_train_step(graphdef=spec.graphdef, tx=tx, loss_fn=loss_fn, state_shardings=spec.shardings,
+    train_step = steps.jit_train_step(graphdef=spec.graphdef, tx=tx, loss_fn=chunked(loss_fn), state_shardings=spec.shardings,
                                       batch_shardings=batch_sh, mesh=mesh)
     test = fixed_batch(data.test, len(data.test))
     logits = jax.jit(lambda params, x: nnx.merge(spec.graphdef, params)(x))
     run_eval = lambda params: {"val/accuracy": float(np.mean(np.argmax(logits(params, test["x"]), -1) == test["label"]))}
-    _, val = run.fit(workdir, c, spec=spec, data_iter=run.train_iterator(data.train, c), train_step=train_step,
+    _, val = run.fit(workdir, c, spec=spec, data_iter=data_iter, train_step=train_step,
                      batch_shardings=batch_sh, run_eval=run_eval, tokens_per_step=c.batch_size, desc="classifier")
     return val
 

@@ -142,14 +142,15 @@ def train_stage(stage_config, workdir, *, data, student_cfg, teacher, loss_fn, i
     tx = run.make_optimizer(stage_config)
     spec = steps.train_state_spec(lambda rngs: Denoiser(student_cfg, rngs=rngs), tx, seed=stage_config.seed,
                                   mesh=mesh, rules=rules)
-    batch_sh = sharding.batch_shardings(teacher_lib.batch_example(data, run.local_batch_size(stage_config)), mesh, rules)
-    train_step = steps.jit_train_step(graphdef=spec.graphdef, tx=tx, loss_fn=loss_fn, state_shardings=spec.shardings,
+    data_iter, batch_sh = teacher_lib.training_data(data.train, stage_config, mesh)
+    train_step = steps.jit_train_step(graphdef=spec.graphdef, tx=tx, loss_fn=teacher_lib.chunked(loss_fn),
+                                      state_shardings=spec.shardings,
                                       batch_shardings=batch_sh, mesh=mesh, frozen_shardings=teacher[2])
     eval_batch = teacher_lib.fixed_batch(data.test, stage_config.batch_size)
     eval_loss = jax.jit(lambda params, frozen, batch: (lambda t, c, _: t / c)(
         *loss_fn(nnx.merge(spec.graphdef, params), batch, jax.random.key(99), frozen, None)))
     _, val = run.fit(
-        workdir, stage_config, spec=spec, data_iter=run.train_iterator(data.train, stage_config),
+        workdir, stage_config, spec=spec, data_iter=data_iter,
         train_step=train_step, batch_shardings=batch_sh, frozen=teacher[1], tokens_per_step=stage_config.batch_size,
         run_eval=lambda params: {"val/loss": float(eval_loss(params, teacher[1], eval_batch))},
         init_params=init_params() if not _has_checkpoint(workdir) else None, desc=desc,
@@ -197,8 +198,7 @@ def train_all(config, workdir):
     def stage1_init():
         params = steps.train_state_spec(lambda r: Denoiser(student_cfg, rngs=r), run.make_optimizer(s1),
                                         seed=s1.seed, mesh=mesh, rules=rules).init().params
-        nnx.replace_by_pure_dict(params, _merge(nnx.to_pure_dict(params), nnx.to_pure_dict(_copy(teacher[1]))))
-        return params
+        return student_from_teacher(params, teacher[1])
 
     loss = stage1_loss_fn(student_cfg, teacher[0], teacher_cfg, w_min=config.w_min, w_max=config.w_max,
                           weighting=s1.weighting)
@@ -219,6 +219,14 @@ def train_all(config, workdir):
         dirs[n], prev_dir = stage_dir, stage_dir
     return dict(teacher_dir=teacher_dir, data=data, teacher_cfg=teacher_cfg, student_cfg=student_cfg,
                 student_dirs=dirs, times=times)
+
+
+def student_from_teacher(student_params, teacher_params):
+    """The student's params with every parameter the teacher has copied from it (all but the w embedding,
+    which starts at zero): the student then equals the conditional teacher at every w."""
+    merged = _merge(nnx.to_pure_dict(student_params), nnx.to_pure_dict(_copy(teacher_params)))
+    nnx.replace_by_pure_dict(student_params, merged)
+    return student_params
 
 
 def _merge(base, update):

@@ -52,6 +52,41 @@ class ArraySource:
         return f"ArraySource(n={len(self)}, shape={self.x.shape[1:]})"
 
 
+class ChunkedSource:
+    """Element j = `chunk` examples of `source` stacked: {"x": [chunk, ...], "label": [chunk], "example_id": [chunk]}.
+
+    Why: grain spends ~0.1-0.2 ms per element on shuffling and batching, more than a whole train step of a
+    0.1M-parameter denoiser on a batch of 256; reading chunks cuts that by `chunk`.  The chunks are a fixed
+    seeded partition of a permutation of the examples (the last one wraps around to the first examples, so
+    nothing is dropped); `train_dataset` reshuffles the chunks every epoch.  Batches come out as
+    [B / chunk, chunk, ...]: flatten the first two axes (`flatten_chunks`).
+    """
+
+    def __init__(self, source, chunk: int, *, seed: int):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        n = len(source)
+        perm = np.random.default_rng(seed).permutation(n)
+        self.index = np.resize(perm, -(-n // chunk) * chunk).reshape(-1, chunk)
+        self.source, self.chunk = source, chunk
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def __getitem__(self, index) -> dict:
+        i = operator.index(index)
+        rows = self.index[i]
+        if isinstance(self.source, ArraySource):
+            return {"x": self.source.x[rows], "label": self.source.labels[rows], "example_id": rows.astype(np.int64)}
+        items = [self.source[int(r)] for r in rows]
+        return {k: np.stack([it[k] for it in items]) for k in ("x", "label", "example_id")}
+
+
+def flatten_chunks(batch: dict) -> dict:
+    """[c, chunk, ...] -> [c * chunk, ...] for every array of a batch of ChunkedSource elements."""
+    return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2-D mixture
 # ----------------------------------------------------------------------------------------------------
