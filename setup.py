@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     # The diffusion experiments' default image data set: the 8x8 digits that ship inside the wheel.
     "scikit-learn==1.9.1",
+    "pyarrow==26.0.1",  # Parquet / Arrow corpora (kdjax.data.local_sources)
 ]
 
 EXTRAS_REQUIRE = {

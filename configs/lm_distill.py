@@ -9,11 +9,12 @@ Launch (teacher = a kdjax work directory; offline also needs its store from expe
 
 import ml_collections
 
-from configs import lm_pretrain
+from configs import common, lm_pretrain
 
 
 def get_config(arg=None):
-    config = lm_pretrain.get_config("tiny" if arg == "tiny" else None)
+    arg = common.variant(arg, name="configs/lm_distill.py")
+    config = lm_pretrain.get_config(arg)
     config.mode = "offline"  # offline | online | on_policy | seqkd
     config.loss = "fkl"  # fkl rkl jsd tvd skl srkl | taid | ce (no teacher: the baseline)
     config.temperature = 1.0
@@ -22,12 +23,18 @@ def get_config(arg=None):
     config.skew_alpha = 0.1
     config.topk_tail = "bucket"  # offline top-k: "bucket" (tail mass kept) or "renormalize"
 
+    # The vocabulary is the teacher's (or the store's, or a pretrained student's): 0 takes it from there; any
+    # other value must equal it.  Only the CE-only baseline without any teacher needs a number here.
+    config.data.vocab_size = 0
+
     config.teacher = ml_collections.ConfigDict()
     config.teacher.workdir = ""  # kdjax work dir (model_config.json, tokenizer.json, checkpoints/)
     config.teacher.hf_path = ""  # or a Hugging Face directory (config.json, *.safetensors, tokenizer.json)
-    # Offline: the teacher store of the train split; a validation store beside it (store-validation) is used
-    # for evaluation when no teacher model is given.
+    # Offline: the teacher store of the train split.  Evaluation runs the teacher model when one is given;
+    # without one, a store of the validation split (store_validation_dir) gives the teacher's side of the
+    # metrics (teacher perplexity, top-1 agreement, top-k KL); without either, only the student's CE.
     config.store_dir = ""
+    config.store_validation_dir = ""
 
     # The student starts from scratch (config.model), from a kdjax work dir (pretrain-then-distil), or from a
     # Hugging Face directory (its own architecture); export_hf_dir writes the result in HF format at the end.

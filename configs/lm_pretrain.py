@@ -7,16 +7,24 @@ Launch:
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
+    arg = common.variant(arg, name="configs/lm_pretrain.py")
     config = ml_collections.ConfigDict()
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.corpus = "stdlib"  # or "tfds:<name>" for any prepared TFDS text dataset
+    # "stdlib" (the Python standard library's sources), "tfds:<name>" (a TFDS text dataset prepared locally),
+    # or your own text: "files:<dir|glob>", "jsonl:<file|dir|glob>", "parquet:<file|dir|glob>",
+    # "arrow:<file|dir|glob>" (e.g. a `datasets` save_to_disk directory).  See README "Your own text".
+    config.data.corpus = "stdlib"
+    config.data.text_field = "text"  # jsonl: the field with the text ("a/b" reaches into nested objects)
+    config.data.text_column = "text"  # parquet / arrow: the string column with the text
     config.data.tfds_text_key = "text"
     config.data.tfds_data_dir = ""  # "" = TFDS' default data dir
-    config.data.max_files = 0  # 0 = every file of the corpus; >0 a deterministic subset
+    config.data.max_files = 0  # stdlib and local corpora: 0 = every file; >0 a deterministic subset of files
     config.data.val_fraction = 0.05
     config.data.vocab_size = 4096
     config.data.seq_len = 128
@@ -68,6 +76,10 @@ def get_config(arg=None):
     config.distributed.process_id = 0
     # Seconds slept per step; only tests set it, to kill a run mid-way deterministically slowly.
     config.debug_sleep_per_step = 0.0
+    # A rerun resumes the work directory's run and must have the same config (W/config.json), except for keys
+    # that only change logging, saving or the mesh.  Comma-separated keys allowed to differ anyway ("all" for
+    # any), e.g. "steps" to train a finished run longer (the learning-rate schedule then changes too).
+    config.allow_resume_changes = ""
 
     if arg == "tiny":
         config.data.max_files = 60
@@ -86,6 +98,4 @@ def get_config(arg=None):
         config.eval_every = 15
         config.eval_batches = 4
         config.checkpoint_every = 10
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown config argument {arg!r}; expected '' or 'tiny'")
     return config

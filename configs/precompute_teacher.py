@@ -10,15 +10,19 @@ Launch (teacher = a kdjax work directory, e.g. from experiments.lm_pretrain):
 
 import ml_collections
 
-from configs import lm_pretrain
+from configs import common, lm_pretrain
 
 
 def get_config(arg=None):
-    base = lm_pretrain.get_config("tiny" if arg == "tiny" else None)
+    arg = common.variant(arg, name="configs/precompute_teacher.py")
+    base = lm_pretrain.get_config(arg)
     config = ml_collections.ConfigDict()
     config.seed = 0
     # Same data keys as pretraining: the store is keyed by the packed example ids of exactly this data.
     config.data = base.data
+    # The vocabulary is the teacher's: 0 takes it from its tokenizer.json; any other value must equal it.  A
+    # random teacher (:tiny) needs a number.
+    config.data.vocab_size = 512 if arg == "tiny" else 0
 
     config.teacher = ml_collections.ConfigDict()
     config.teacher.workdir = ""  # kdjax work dir with model_config.json, tokenizer.json, checkpoints/
@@ -40,6 +44,4 @@ def get_config(arg=None):
         config.k = 8
         config.batch_size = 8
         config.examples_per_shard = 64
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown config argument {arg!r}; expected '' or 'tiny'")
     return config

@@ -3,10 +3,13 @@
   python -m experiments.lm_distill --config configs/lm_distill.py --workdir W --config.teacher.workdir=T \
       [--config.mode=offline --config.store_dir=S] [--config.loss=jsd] [--config.key=value ...]
 
-Everything is checked before the first step: the teacher's tokenizer is the student's (the student reads the
-data with the teacher's tokenizer.json), and an offline store was written for that tokenizer and vocabulary.
-Outputs as lm_pretrain's (checkpoints/, metrics.jsonl, tensorboard/, model_config.json, tokenizer.json), plus
-`W/curves.png`.  Rerunning the same command resumes, TAID's schedule state included.
+The recipe, top to bottom: validate the whole config (nothing read or written yet); load the teacher and a
+pretrained student if any, and check their tokenizers agree; read the data with the tokenizer that defines
+the vocabulary (the teacher's, else the store's); open the store and check it was written by this teacher
+over exactly this data; record the config in W (a rerun must match it); build the objective of the mode and
+the loss (`kdjax.distill`); train (`kdjax.run.fit`); plot; export to Hugging Face format if asked.
+Outputs as lm_pretrain's (config.json, checkpoints/, metrics.jsonl, tensorboard/, model_config.json,
+tokenizer.json), plus `W/curves.png`.  Rerunning the same command resumes, TAID's schedule state included.
 """
 
 import os
@@ -14,104 +17,185 @@ import sys
 
 import jax
 import numpy as np
+from absl import app, flags
 from flax import nnx
-from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kdjax import checkpoint, cli, distill, loop, losses, pretrained, sharding, steps, teacher_store
-from kdjax import distributed
-from kdjax.data import pipeline
+from kdjax import cli, distill, loop, losses, pretrained, run, sharding, steps, teacher_store
 from kdjax.data import text as text_data
-from kdjax.metrics import MetricsWriter, read_metrics
-from kdjax.models import hf
-from kdjax.models.transformer import Transformer, TransformerConfig
+from experiments import precompute_teacher
+from kdjax.metrics import read_metrics
+from kdjax import hf
+from kdjax.data import hf_tokenizer
+from kdjax.models.transformer import Transformer
 
-# Texts on which teacher and student tokenizers must give the same ids (after vocab, EOS and token-map checks).
-_SAMPLE_TEXTS = (
-    "def main(argv):\n    return 0\n",
-    "import os, sys  # comment\n\tx = {'a': [1, 2.5e-3]}\n",
-    "Hello, world! Ünïcödé, 日本語, emoji 🙂.",
-)
+def validate(config, overridden=()):
+    """Every check that needs no data or model, before anything is read or written.
+
+    `overridden`: the config keys given on the command line; `model.*` ones conflict with a student loaded
+    from a checkpoint (it brings its own architecture).
+    """
+    with run.Problems("lm_distill config") as p:
+        run.check_common(p, config)
+        p.run(distill.check_loss, config.mode, config.loss)
+        p.check(config.temperature > 0, f"temperature must be > 0, got {config.temperature}")
+        p.check(config.sample_temperature >= 0,
+                f"sample_temperature must be >= 0 (0 = greedy), got {config.sample_temperature}")
+        p.check(0 <= config.ce_alpha <= 1, f"ce_alpha must be in [0, 1], got {config.ce_alpha}")
+        p.check(0 <= config.on_policy_fraction <= 1,
+                f"on_policy_fraction must be in [0, 1], got {config.on_policy_fraction}")
+        p.check(config.topk_tail in losses.TAILS, f"topk_tail must be one of {losses.TAILS}, got {config.topk_tail!r}")
+        if config.mode in ("on_policy", "seqkd"):
+            p.check(1 <= config.prompt_len < config.data.seq_len,
+                    f"prompt_len must be in [1, data.seq_len={config.data.seq_len}), got {config.prompt_len}")
+        if config.loss in losses.LOSSES:  # the loss's own hyperparameter checks, on a 1-token example
+            hp = distill.divergence_hparams(config.loss, jsd_beta=config.jsd_beta, skew_alpha=config.skew_alpha)
+            p.run(losses.check_hparams, config.loss, temperature=config.temperature, **hp)
+        if config.loss == "taid":
+            p.run(losses.check_taid_schedule, **config.taid.to_dict())
+        p.run(sharding.make_mesh, config.mesh)
+        teacher_given = bool(config.teacher.workdir or config.teacher.hf_path)
+        p.check(not (config.teacher.workdir and config.teacher.hf_path),
+                "give teacher.workdir or teacher.hf_path, not both")
+        p.check(not (config.student.init_workdir and config.student.hf_path),
+                "give student.init_workdir or student.hf_path, not both")
+        if config.mode in distill.MODES and config.loss in ("ce", "taid", *losses.LOSSES):
+            needs_model = distill.needs_teacher_model(config.mode, config.loss)
+            p.check(teacher_given or not needs_model,
+                    f"mode {config.mode!r} with loss {config.loss!r} runs the teacher: set --config.teacher.workdir "
+                    "or --config.teacher.hf_path")
+            p.check(not (config.mode == "offline" and config.loss != "ce" and not config.store_dir),
+                    "offline mode reads the teacher store: set --config.store_dir (run experiments.precompute_teacher)")
+        run.check_path(p, config.teacher.workdir, "teacher.workdir", must_contain=run.MODEL_CONFIG_FILE)
+        run.check_path(p, config.teacher.hf_path, "teacher.hf_path", must_contain="config.json")
+        run.check_path(p, config.student.init_workdir, "student.init_workdir", must_contain=run.MODEL_CONFIG_FILE)
+        run.check_path(p, config.student.hf_path, "student.hf_path", must_contain="config.json")
+        if config.mode == "offline" and config.loss != "ce":
+            run.check_path(p, config.store_dir, "store_dir", must_contain="manifest.json")
+        run.check_path(p, config.store_validation_dir, "store_validation_dir", must_contain="manifest.json")
+        if config.student.init_workdir or config.student.hf_path:
+            model_keys = sorted(k for k in overridden if k.startswith("model."))
+            p.check(not model_keys,
+                    f"{', '.join(model_keys)} would be ignored: a student loaded from student.init_workdir / "
+                    "student.hf_path keeps its own architecture; drop these overrides (or start from scratch)")
+        if config.export_hf_dir:
+            p.run(hf.check_export_dir, config.export_hf_dir)
 
 
-def _check_student_vocab(config, tokenizer, what):
-    if config.data.vocab_size != tokenizer.vocab_size:
-        raise ValueError(
-            f"vocabulary mismatch: the {what} has vocab size {tokenizer.vocab_size} but the student's "
-            f"config.data.vocab_size is {config.data.vocab_size}; set --config.data.vocab_size="
-            f"{tokenizer.vocab_size} (the student must use the teacher's tokenizer)"
+def _vocabulary(config, tokenizer, source: str) -> int:
+    """The vocabulary the run uses: the one `source` (a teacher or a store) defines; data.vocab_size may be
+    0 (take it) or equal; any other value is a conflict naming both."""
+    want = config.data.vocab_size
+    if want and want != tokenizer.vocab_size:
+        raise run.ConfigError(
+            f"vocabulary conflict: {source} defines vocab size {tokenizer.vocab_size} (its tokenizer.json) but "
+            f"--config.data.vocab_size={want}; drop the setting (0 takes the {source.split()[0]}'s) or use a "
+            "teacher with that vocabulary"
         )
+    print(f"vocabulary: {tokenizer.vocab_size} ids and the tokenizer from {source}")
+    return tokenizer.vocab_size
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) one distillation job; returns the final validation metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    distill.check_loss(config.mode, config.loss)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(config.sharding_rules)
-    nproc, pid = jax.process_count(), jax.process_index()
-
-    # The teacher (for training online / on-policy / seqkd, and for evaluation whenever it is given).
+def load_models(config, mesh, rules):
+    """(teacher, pretrained student); either may be None.  Their tokenizers must agree."""
     teacher = pretrained.load_model(
         workdir=config.teacher.workdir, hf_path=config.teacher.hf_path, mesh=mesh, rules=rules, what="teacher"
     )
-    if teacher is not None:
-        _check_student_vocab(config, teacher.tokenizer, f"teacher {teacher.source}")
-    elif distill.needs_teacher_model(config.mode, config.loss):
-        raise ValueError(
-            f"mode {config.mode!r} with loss {config.loss!r} needs --config.teacher.workdir or --config.teacher.hf_path"
-        )
-    # A student loaded from a checkpoint brings its own tokenizer: it must be the teacher's, else the two
-    # models' logits index different tokens.  Checked now, before any data or step.
     init = pretrained.load_model(
-        workdir=config.student.init_workdir,
-        hf_path=config.student.hf_path,
-        mesh=mesh,
-        rules=rules,
+        workdir=config.student.init_workdir, hf_path=config.student.hf_path, mesh=mesh, rules=rules,
         what="student",
     )
     if init is not None and teacher is not None:
-        problem = hf.compare_tokenizers(
-            teacher.tokenizer, init.tokenizer, _SAMPLE_TEXTS, names=("teacher", "student")
-        )
+        problem = hf.compare_tokenizers(teacher.tokenizer, init.tokenizer, hf_tokenizer.PROBE_TEXTS, names=("teacher", "student"))
         if problem:
-            raise ValueError(
-                f"tokenizer mismatch between teacher {teacher.source} and student {init.source}: {problem}"
-            )
-    tokenizer_source = teacher or init
-    tokenizer_path = os.path.join(tokenizer_source.source, "tokenizer.json") if tokenizer_source else None
-    data = text_data.load_from_config(config.data, tokenizer_path=tokenizer_path)
-    print(data.description)
+            raise run.ConfigError(f"tokenizer mismatch between teacher {teacher.source} and student {init.source}: {problem}")
+    return teacher, init
 
-    train_source, eval_source, store_eval = data.train, data.validation, False
+
+def load_data(config, teacher, init):
+    """The corpus read with the tokenizer of the teacher (else the pretrained student's, else the store's,
+    else a tokenizer trained for data.vocab_size)."""
+    source = teacher or init
+    if source is not None:
+        vocab = _vocabulary(config, source.tokenizer, f"{'teacher' if teacher else 'student'} {source.source}")
+        return text_data.load_from_config(config.data, tokenizer=source.tokenizer, vocab_size=vocab)
     if config.mode == "offline" and config.loss != "ce":
-        if not config.store_dir:
-            raise ValueError(
-                "offline mode needs --config.store_dir (run experiments.precompute_teacher first)"
-            )
-        expect = dict(
-            expect_vocab_size=data.tokenizer.vocab_size,
-            expect_tokenizer_fingerprint=data.tokenizer.fingerprint,
-        )
-        store = teacher_store.open_store(config.store_dir, **expect)
-        train_source = teacher_store.StoreSource(data.train, store)
-        val_store = os.path.join(os.path.dirname(os.path.abspath(config.store_dir)), "store-validation")
-        if teacher is None and os.path.exists(os.path.join(val_store, "manifest.json")):
-            eval_source = teacher_store.StoreSource(
-                data.validation, teacher_store.open_store(val_store, **expect)
-            )
-            store_eval = True
+        try:
+            path = teacher_store.store_tokenizer_path(config.store_dir)
+        except FileNotFoundError as e:
+            raise run.ConfigError(str(e)) from None
+        from kdjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
-    if init is not None:
-        model_cfg = init.config  # the loaded student's own architecture; config.model does not apply
-    else:
-        model_cfg = TransformerConfig.from_dict(
-            {
-                **config.model.to_dict(),
-                "vocab_size": data.tokenizer.vocab_size,
-                "max_len": config.data.seq_len,
-            }
+        vocab = _vocabulary(config, Tokenizer.from_file(path), f"store {config.store_dir}")
+        return text_data.load_from_config(config.data, tokenizer_path=path, vocab_size=vocab)
+    if not config.data.vocab_size:
+        raise run.ConfigError("no teacher or store defines the vocabulary: set --config.data.vocab_size")
+    return text_data.load_from_config(config.data)
+
+
+def open_stores(config, data, teacher):
+    """(train source, eval source): the stores joined to the data by example id, each checked first to be
+    written by this teacher (when one is configured), with this tokenizer, over exactly these examples."""
+
+    def checked(path, split, examples):
+        store = teacher_store.open_store(path)
+        teacher_store.check_provenance(
+            store,
+            teacher_fingerprint=teacher_store.params_fingerprint(teacher.params) if teacher else None,
+            dataset=precompute_teacher.dataset_id(config.data, data),
+            split=split,
+            tokenizer_fingerprint=data.tokenizer.fingerprint,
+            vocab_size=data.tokenizer.vocab_size,
+            token_source=examples,
         )
+        return teacher_store.StoreSource(examples, store)
+
+    train_source, eval_source = data.train, data.validation
+    if config.mode == "offline" and config.loss != "ce":
+        train_source = checked(config.store_dir, "train", data.train)
+    if teacher is None and config.store_validation_dir:
+        eval_source = checked(config.store_validation_dir, "validation", data.validation)
+    return train_source, eval_source
+
+
+def batch_examples(config, local_batch, train_source, eval_source):
+    """Zero batches with the exact shapes and dtypes of a train and an eval batch (for the shardings)."""
+    seq_len = config.data.seq_len
+    base = {"tokens": np.zeros((local_batch, seq_len + 1), np.int32)}
+
+    def with_store(source):
+        if not isinstance(source, teacher_store.StoreSource):
+            return dict(base)
+        m = source._store.manifest  # TODO(lead): public accessor from teacher_store
+        return {
+            **base,
+            "teacher_ids": np.zeros((local_batch, seq_len, m["k"]), np.int32),
+            "teacher_logprobs": np.zeros((local_batch, seq_len, m["k"]), teacher_store._np_dtype(m["logprob_dtype"])),
+            "teacher_label_logprob": np.zeros((local_batch, seq_len), np.float32),
+            "teacher_tail_logprob": np.zeros((local_batch, seq_len), np.float32),
+        }
+
+    # A store source adds a mask to each example (packed text has none: every position counts); eval batches
+    # are padded, so they always have one.
+    mask = {"mask": np.zeros((local_batch, seq_len), np.float32)}
+    train = with_store(train_source)
+    return ({**train, **mask} if len(train) > 1 else train), {**with_store(eval_source), **mask}
+
+
+def train(config, workdir: str, *, overridden=()) -> dict:
+    """Runs (or resumes) one distillation job; returns the final validation metrics."""
+    validate(config, overridden)
+    mesh, rules = sharding.make_mesh(config.mesh), tuple(config.sharding_rules)
+    teacher, init = load_models(config, mesh, rules)
+    data = load_data(config, teacher, init)
+    print(data.description)
+    train_source, eval_source = open_stores(config, data, teacher)
+    if init is not None:
+        model_cfg = init.config  # the loaded student's own architecture (validate() refused model.* overrides)
+    else:
+        model_cfg = run.new_model_config(config.model, vocab_size=data.tokenizer.vocab_size,
+                                         max_len=config.data.seq_len)
+    run.prepare_workdir(workdir, config)
     pretrained.save_model_files(workdir, model_cfg, data.tokenizer)
     print(
         f"student: {model_cfg.num_params() / 1e6:.2f}M parameters"
@@ -119,142 +203,77 @@ def train(config, workdir: str) -> dict:
         + f"; mode {config.mode}, loss {config.loss}; mesh {dict(mesh.shape)}"
     )
 
-    tx = steps.make_optimizer(
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
-        weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip,
-    )
-    extra = {"taid": losses.taid_init(t_start=config.taid.t_start)} if config.loss == "taid" else {}
+    tx = run.make_optimizer(config)
+    taid = config.loss == "taid"
     spec = steps.train_state_spec(
-        lambda rngs: Transformer(model_cfg, rngs=rngs),
-        tx,
-        seed=config.seed,
-        mesh=mesh,
-        rules=rules,
-        extra=extra,
+        lambda rngs: Transformer(model_cfg, rngs=rngs), tx, seed=config.seed, mesh=mesh, rules=rules,
+        extra={"taid": losses.taid_init(losses.TaidSchedule(**config.taid.to_dict()))} if taid else None,
     )
-    if config.batch_size % nproc:
-        raise ValueError(f"batch_size {config.batch_size} does not split over {nproc} processes")
-    local_batch = config.batch_size // nproc
-    data_iter = pipeline.train_iterator(
-        pipeline.train_dataset(
-            train_source, batch_size=local_batch, seed=config.seed, process_index=pid, process_count=nproc
-        )
-    )
-
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every)
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(spec.abstract)
-        data_iter.set_state(data_state)
-        print(f"resumed from step {int(state.step)}")
-    else:
-        state = spec.init()
-        if init is not None:
-            state = state.replace(params=init.params)
-    writer = MetricsWriter(workdir, resume_step=int(state.step))
-
-    def batch_example(source, batch):
-        item = source[0]
-        return {
-            k: np.zeros((batch, *np.shape(v)), np.asarray(v).dtype)
-            for k, v in item.items()
-            if k != "example_id"
-        }
-
-    train_example = batch_example(train_source, local_batch)
-    eval_example = {
-        **batch_example(eval_source, local_batch),
-        "mask": np.zeros((local_batch, config.data.seq_len), np.float32),
-    }
+    train_example, eval_example = batch_examples(config, run.local_batch_size(config), train_source, eval_source)
     batch_sh = sharding.batch_shardings(train_example, mesh, rules)
     eval_sh = sharding.batch_shardings(eval_example, mesh, rules)
-    teacher_graphdef = teacher.graphdef if teacher else None
     teacher_sh = sharding.tree_shardings(teacher.params, rules, mesh) if teacher else None
-    loss_fn = distill.make_loss_fn(
+    train_uses_teacher = distill.needs_teacher_model(config.mode, config.loss)
+    objective = distill.make_loss_fn(
         mode=config.mode,
         loss=config.loss,
         temperature=config.temperature,
         ce_alpha=config.ce_alpha,
-        hparams=distill.divergence_hparams(
-            config.loss, jsd_beta=config.jsd_beta, skew_alpha=config.skew_alpha
-        ),
+        hparams=distill.divergence_hparams(config.loss, jsd_beta=config.jsd_beta, skew_alpha=config.skew_alpha),
         tail=config.topk_tail,
-        teacher_graphdef=teacher_graphdef,
+        teacher_graphdef=teacher.graphdef if teacher else None,
         on_policy_fraction=config.on_policy_fraction,
         prompt_len=config.prompt_len,
         sample_temperature=config.sample_temperature,
         eos_id=data.tokenizer.eos_id,
     )
-    extra_update = (
-        distill.make_taid_update(total_steps=config.steps, **config.taid.to_dict())
-        if config.loss == "taid"
-        else None
-    )
-    train_uses_teacher = distill.needs_teacher_model(config.mode, config.loss)
     train_step = steps.jit_train_step(
         graphdef=spec.graphdef,
         tx=tx,
-        loss_fn=loss_fn,
+        loss_fn=objective,
         state_shardings=spec.shardings,
         batch_shardings=batch_sh,
         mesh=mesh,
         frozen_shardings=teacher_sh if train_uses_teacher else None,
         accum_steps=config.accum_steps,
-        extra_update=extra_update,
+        extra_update=distill.make_taid_update(total_steps=config.steps, **config.taid.to_dict()) if taid else None,
     )
     eval_step = steps.jit_eval_step(
         graphdef=spec.graphdef,
-        metrics_fn=distill.make_eval_fn(teacher_graphdef=teacher_graphdef),
+        metrics_fn=distill.make_eval_fn(teacher_graphdef=teacher.graphdef if teacher else None),
         params_shardings=spec.shardings.params,
         batch_shardings=eval_sh,
         mesh=mesh,
         frozen_shardings=teacher_sh,
     )
 
-    def run_eval(step, params):
-        batches = pipeline.eval_batches(
-            eval_source, batch_size=local_batch, process_index=pid, process_count=nproc
-        )
-        m = loop.evaluate(
-            eval_step,
-            params,
-            batches,
-            eval_sh,
-            frozen=teacher.params if teacher else None,
-            max_batches=config.eval_batches,
-        )
+    def run_eval(params):
+        m = loop.evaluate(eval_step, params, run.eval_batches(eval_source, config), eval_sh,
+                          frozen=teacher.params if teacher else None, max_batches=config.eval_batches)
         result = {f"val/{k}": v for k, v in m.items()}
         result["val/perplexity"] = float(np.exp(m["ce"]))
         if "teacher_ce" in m:
             result["val/teacher_perplexity"] = float(np.exp(m["teacher_ce"]))
-        writer.write(step, result)
         return result
 
-    state, val = loop.train_loop(
-        state=state,
+    state, val = run.fit(
+        workdir,
+        config,
+        spec=spec,
+        data_iter=run.train_iterator(train_source, config),
         train_step=train_step,
-        data_iter=data_iter,
         batch_shardings=batch_sh,
-        checkpointer=ckpt,
-        writer=writer,
         run_eval=run_eval,
-        total_steps=config.steps,
-        log_every=config.log_every,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
         tokens_per_step=config.batch_size * config.data.seq_len,
         frozen=teacher.params if train_uses_teacher else None,
+        init_params=init.params if init is not None else None,
         desc=f"{config.mode}/{config.loss}",
-        debug_sleep_per_step=config.debug_sleep_per_step,
     )
-    ckpt.close()
-    writer.close()
-    if pid == 0:
+    if jax.process_index() == 0:
         plot_curves(workdir)
     if config.export_hf_dir:
-        hf.save_hf(config.export_hf_dir, nnx.merge(spec.graphdef, state.params), data.tokenizer)
+        hf.save_hf(config.export_hf_dir, nnx.merge(spec.graphdef, state.params), data.tokenizer,
+                   max_positions=init.max_positions if init is not None else None)
         print(f"student exported in Hugging Face format to {config.export_hf_dir}")
     return val
 
@@ -285,10 +304,10 @@ def plot_curves(workdir):
 
 
 def main(argv):
-    distributed.initialize(flags.FLAGS.config)  # before any JAX computation
     del argv
-    logging.set_verbosity(logging.WARNING)
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    overridden = cli.overridden_keys(sys.argv)
+    result = cli.run_main(lambda: train(config, workdir, overridden=overridden), config)
     print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
 

@@ -13,18 +13,39 @@ import sys
 
 import jax
 from jax.experimental import multihost_utils
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from kdjax import cli, pretrained, sharding, teacher_store
-from kdjax import distributed
+from kdjax import cli, pretrained, run, sharding, teacher_store
 from kdjax.data import text as text_data
-from kdjax.models.transformer import Transformer, TransformerConfig
+from kdjax.models.transformer import Transformer
 
 
 def store_path(workdir, config):
     return os.path.join(workdir, f"store-{config.split}")
+
+
+def dataset_id(data_config, data) -> str:
+    """What a store records as its data set, and what a student compares: the corpus name and the
+    fingerprint of its documents (files and bytes)."""
+    return f"{data_config.corpus}:{data.corpus_fingerprint[:16]}"
+
+
+def validate(config):
+    """Every check that needs no data or model, before anything is read or written."""
+    with run.Problems("precompute_teacher config") as p:
+        p.check(config.split in ("train", "validation"), f"split must be 'train' or 'validation', got {config.split!r}")
+        p.check(config.k >= 1, f"k must be >= 1 (the number of top-k entries kept per token), got {config.k}")
+        p.check(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+        p.check(config.examples_per_shard >= 1, f"examples_per_shard must be >= 1, got {config.examples_per_shard}")
+        p.check(config.logprob_dtype in ("bfloat16", "float16", "float32"),
+                f"logprob_dtype must be bfloat16, float16 or float32, got {config.logprob_dtype!r}")
+        p.check(not (config.teacher.workdir and config.teacher.hf_path),
+                "give teacher.workdir or teacher.hf_path, not both")
+        run.check_path(p, config.teacher.workdir, "teacher.workdir", must_contain=run.MODEL_CONFIG_FILE)
+        run.check_path(p, config.teacher.hf_path, "teacher.hf_path", must_contain="config.json")
+        p.run(sharding.make_mesh, config.mesh, devices=jax.local_devices())
 
 
 def load_teacher(config, mesh, rules):
@@ -38,32 +59,45 @@ def load_teacher(config, mesh, rules):
     return teacher.graphdef, teacher.params, teacher.tokenizer, teacher.source
 
 
+def _random_teacher(config, vocab_size, mesh, rules):
+    model_cfg = run.new_model_config(config.teacher.model, vocab_size=vocab_size, max_len=config.data.seq_len)
+    graphdef, _, shardings = pretrained.abstract_model(model_cfg, mesh, rules)
+    params = jax.jit(
+        lambda: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)[1],
+        out_shardings=shardings,
+    )()
+    return graphdef, params
+
+
 def precompute(config, workdir: str) -> dict:
     """Writes (or completes) the store; returns its manifest (None on a process that is not last)."""
+    validate(config)
     rules = tuple(config.sharding_rules)
     # Each process runs the teacher on its own devices over the shards it owns.
     mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
     graphdef, params, tokenizer, source_dir = load_teacher(config, mesh, rules)
+    if tokenizer is not None:
+        if config.data.vocab_size and config.data.vocab_size != tokenizer.vocab_size:
+            raise run.ConfigError(
+                f"vocabulary conflict: teacher {source_dir} defines vocab size {tokenizer.vocab_size} but "
+                f"--config.data.vocab_size={config.data.vocab_size}; drop the setting (0 takes the teacher's)"
+            )
+        print(f"vocabulary: {tokenizer.vocab_size} ids and the tokenizer from teacher {source_dir}")
+    elif not config.data.vocab_size:
+        raise run.ConfigError("a random teacher (no teacher.workdir / hf_path) needs --config.data.vocab_size")
+    vocab = tokenizer.vocab_size if tokenizer else config.data.vocab_size
+    if config.k > vocab:
+        raise run.ConfigError(f"k={config.k} exceeds the vocabulary ({vocab} ids)")
+    if os.path.isfile(workdir):
+        raise run.ConfigError(f"work directory {workdir!r} exists and is a file, not a directory")
     data = text_data.load_from_config(
         config.data,
         tokenizer_path=os.path.join(source_dir, "tokenizer.json") if tokenizer else None,
-        **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}),
+        vocab_size=vocab,
     )
     print(data.description)
     if graphdef is None:
-        model_cfg = TransformerConfig.from_dict(
-            {
-                **config.teacher.model.to_dict(),
-                "vocab_size": data.tokenizer.vocab_size,
-                "max_len": config.data.seq_len,
-            }
-        )
-        abstract_graphdef, _, shardings = pretrained.abstract_model(model_cfg, mesh, rules)
-        graphdef = abstract_graphdef
-        params = jax.jit(
-            lambda: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)[1],
-            out_shardings=shardings,
-        )()
+        graphdef, params = _random_teacher(config, data.tokenizer.vocab_size, mesh, rules)
     source = data.train if config.split == "train" else data.validation
     tokens_sharding = sharding.batch_sharding(mesh, rules, 2)
 
@@ -74,10 +108,13 @@ def precompute(config, workdir: str) -> dict:
 
     manifest = {
         "teacher_fingerprint": teacher_store.params_fingerprint(params),
-        "teacher": source_dir or f"random init, seed {config.seed}",
-        "tokenizer_fingerprint": data.tokenizer.fingerprint,
+        "teacher": teacher_store.teacher_record(
+            workdir=config.teacher.workdir,
+            hf_path=config.teacher.hf_path,
+            description="" if source_dir else f"random init, seed {config.seed}",
+        ),
         "vocab_size": data.tokenizer.vocab_size,
-        "dataset": f"{config.data.corpus}:{data.corpus_fingerprint[:16]}",
+        "dataset": dataset_id(config.data, data),
         "split": config.split,
         "seq_len": config.data.seq_len,
     }
@@ -86,6 +123,7 @@ def precompute(config, workdir: str) -> dict:
         source=source,
         logits_fn=logits_fn,
         params=params,
+        tokenizer=data.tokenizer,
         k=config.k,
         batch_size=config.batch_size,
         examples_per_shard=config.examples_per_shard,
@@ -103,25 +141,29 @@ def precompute(config, workdir: str) -> dict:
     return manifest
 
 
+def verify(workdir, config) -> bool:
+    """Checks the store of config.split end to end; prints a report; returns whether it is sound."""
+    path = store_path(workdir, config)
+    report = teacher_store.verify_store(path)
+    print(
+        f"{path}: {'OK' if report['ok'] else 'FAILED'}; {report.get('num_examples')} examples in "
+        f"{report.get('num_shards')} shards, {report.get('bytes_per_token')} bytes/token"
+    )
+    for problem in report["problems"]:
+        print(f"  problem: {problem}")
+    return report["ok"]
+
+
 def main(argv):
-    distributed.initialize(flags.FLAGS.config)  # before any JAX computation
     del argv
-    logging.set_verbosity(logging.WARNING)
-    path = store_path(flags.FLAGS.workdir, flags.FLAGS.config)
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if flags.FLAGS.verify:
-        report = teacher_store.verify_store(path)
-        print(
-            f"{path}: {'OK' if report['ok'] else 'FAILED'}; {report.get('num_examples')} examples in "
-            f"{report.get('num_shards')} shards, {report.get('bytes_per_token')} bytes/token"
-        )
-        for problem in report["problems"]:
-            print(f"  problem: {problem}")
-        sys.exit(0 if report["ok"] else 1)
-    manifest = precompute(flags.FLAGS.config, flags.FLAGS.workdir)
+        sys.exit(0 if cli.run_main(lambda: verify(workdir, config), config) else 1)
+    manifest = cli.run_main(lambda: precompute(config, workdir), config)
     if manifest:
         print(
-            f"store complete: {path}: {manifest['num_examples']} examples, k={manifest['k']}, "
-            f"{manifest['bytes_per_token']:.1f} bytes/token"
+            f"store complete: {store_path(workdir, config)}: {manifest['num_examples']} examples, "
+            f"k={manifest['k']}, {manifest['bytes_per_token']:.1f} bytes/token"
         )
 
 

@@ -14,6 +14,12 @@ def _config_keys(config, prefix=""):
     return keys
 
 
+def overridden_keys(argv, flag="config") -> tuple:
+    """The config keys set on the command line (`--config.model.num_layers=3` -> "model.num_layers")."""
+    prefix = f"--{flag}."
+    return tuple(arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix))
+
+
 def check_config_overrides(argv, flag="config"):
     """Exits with a clear message if a `--config.key=value` names a key the config file does not have.
 
@@ -43,3 +49,40 @@ def check_config_overrides(argv, flag="config"):
                 near = difflib.get_close_matches(key, known, n=3)
                 hint = f"; did you mean {', '.join(near)}?" if near else ""
                 sys.exit(f"error: unknown config key {key!r} in {arg!r}: {path} has no such key{hint}")
+
+
+def user_error_types() -> tuple:
+    """Exceptions a user causes and can fix from the message alone: printed as one line, exit status 1.
+
+    Anything else is a bug in kdjax (or in a library) and keeps its traceback.
+    """
+    from kdjax import checkpoint, pretrained, run, teacher_store  # pylint: disable=g-import-not-at-top
+
+    return (
+        run.ConfigError,
+        pretrained.ArchitectureMismatchError,
+        checkpoint.CheckpointError,
+        teacher_store.StoreMismatchError,
+        teacher_store.CorruptShardError,
+        FloatingPointError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+    )
+
+
+def run_main(job, config=None):
+    """What every experiment's `main` does: join the multi-process runtime (before any JAX computation),
+    quiet orbax's per-file INFO logs, run `job()`, and turn an expected user error into one line on stderr
+    and exit status 1 (a bug keeps its traceback).  Returns job()'s result."""
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    from kdjax import distributed  # pylint: disable=g-import-not-at-top
+
+    distributed.initialize(config)
+    logging.set_verbosity(logging.WARNING)
+    try:
+        return job()
+    except user_error_types() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,27 +1,64 @@
-"""Distillation objectives as `loss_fn(model, batch, rng, frozen, extra)` for `kdjax.steps.train_step`.
+"""Distillation objectives for `kdjax.steps.train_step`: per-mode target builders feeding one objective.
 
-Modes (where the teacher signal and the tokens come from):
-  offline:   the batch carries the teacher's top-k log-probs from the offline store; top-k KD.
-  online:    the teacher runs inside the same jitted step on the batch (`frozen` = teacher params; no
-             gradient reaches them).
-  on_policy: with probability `on_policy_fraction` per batch the tokens after a prompt prefix are replaced
-             by samples from the current student (KV-cache sampler, no gradient through sampling); the
-             teacher is run on exactly those tokens and the divergence is taken on the sampled positions
-             (GKD, Agarwal et al., ICLR 2024).
+A mode says where the tokens and the teacher signal come from.  Each is one entry of `MODES`:
+  offline:   real data; the teacher signal is the top-k log-probs the batch carries from the offline store.
+  online:    real data; the teacher runs inside the same jitted step on the batch (`frozen` = its params).
+  on_policy: with probability `on_policy_fraction` per batch the tokens after a prompt prefix are replaced by
+             samples from the current student (KV-cache sampler, no gradient through sampling); the teacher
+             scores exactly those tokens (GKD, Agarwal et al., ICLR 2024).
   seqkd:     the teacher generates the continuation after the prompt; the student is trained with
              cross-entropy on it (sequence-level KD, Kim & Rush, 2016).
-Losses: any name of `kdjax.losses.LOSSES`, "taid" (its t lives in `extra["taid"]`), or "ce" (no teacher).
-`ce_alpha` mixes hard-label cross-entropy in:  alpha * CE + (1 - alpha) * divergence, token-weighted.
+A builder, `build(student, batch, rng, frozen, spec) -> (batch, aux)`, runs once per step on the whole batch
+with gradients stopped (`steps.Objective.prepare`) and returns the batch the objective scores:
+  tokens [B, T+1]; kd_mask [B, T] (positions the divergence covers); ce_mask [B, T] (positions with a hard
+  label the student may learn from: never the student's own samples); ce_scale [B] (see below); and the
+  offline store's fields when the signal is "store".
+The one objective (`objective_loss`) then applies the configured divergence (any name of `losses.LOSSES`,
+or "taid", whose t lives in `extra["taid"]`) against the mode's teacher signal and hard-label CE, each
+token-weighted over its own mask:
+
+    loss = ce_alpha * CE_sum / C_ce + (1 - ce_alpha) * KD_sum / C_kd,     C_* = the whole batch's mask counts.
+
+It is returned as (sum, count) = (ce_alpha * CE_sum * C_kd / C_ce + (1 - ce_alpha) * KD_sum, C_kd), the
+ratio C_kd / C_ce being computed by the builder over the whole batch (`ce_scale`), so microbatch sums add up
+to exactly this loss.  "ce" as the loss trains on hard labels alone (no teacher).  Adding a mode (DistillSpec's
+draft-generated data, CFG teacher targets) is one builder and one `MODES` entry.
 """
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import losses
+from kdjax import losses, steps
 from kdjax.models import sampling
 
-MODES = ("offline", "online", "on_policy", "seqkd")
+STORE_FIELDS = ("teacher_logprobs", "teacher_ids", "teacher_tail_logprob")
+
+
+@dataclasses.dataclass(frozen=True)
+class KDSpec:
+    """What an objective needs to know: the mode, the loss and their hyperparameters (all static)."""
+
+    mode: str
+    loss: str
+    temperature: float = 1.0
+    ce_alpha: float = 0.0
+    hparams: tuple = ()  # the divergence's keyword hyperparameters, as sorted (name, value) pairs
+    tail: str = "bucket"
+    teacher_graphdef: Any = None
+    on_policy_fraction: float = 0.5
+    prompt_len: int = 16
+    sample_temperature: float = 1.0
+    eos_id: Optional[int] = None
+
+
+class Mode(NamedTuple):
+    build: Callable  # (student, batch, rng, frozen, spec) -> (batch, aux)
+    signal: Optional[str]  # "store" (the batch's top-k), "model" (the teacher on the tokens), None (CE only)
 
 
 def divergence_hparams(loss, *, jsd_beta=0.5, skew_alpha=0.1):
@@ -33,25 +70,39 @@ def divergence_hparams(loss, *, jsd_beta=0.5, skew_alpha=0.1):
     return {}
 
 
-def check_loss(mode, loss):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    known = ("ce", "taid", *losses.LOSSES)
-    if loss not in known:
-        raise ValueError(f"unknown loss {loss!r}; expected one of {known}")
-    if mode == "seqkd" and loss != "ce":
-        raise ValueError("seqkd trains with cross-entropy on teacher samples: set loss='ce'")
-    if mode == "on_policy" and loss == "ce":
-        raise ValueError("on_policy needs a divergence to the teacher, not loss='ce'")
+# --------------------------------------------------------------------------------------------------------
+# Target builders.
 
 
-def needs_teacher_model(mode, loss):
-    """Whether training runs the teacher network (offline reads the store; CE-only needs none)."""
-    return mode in ("online", "on_policy", "seqkd") and not (mode == "online" and loss == "ce")
+def _masks(batch):
+    tokens = batch["tokens"]
+    return batch.get("mask", jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32))
 
 
-def _rollout(graphdef, params, tokens_bt1, rng, *, prompt_len, temperature, eos_id):
-    """Continues tokens[:, :prompt_len] to the same length; returns (tokens, label mask [B, T])."""
+def _with_targets(batch, tokens, kd_mask, ce_mask):
+    """The builder's output: the batch with its tokens and masks replaced, and the whole batch's count ratio."""
+    ce_scale = jnp.sum(kd_mask) / jnp.maximum(jnp.sum(ce_mask), 1.0)
+    out = {k: v for k, v in batch.items() if k in STORE_FIELDS}
+    return {
+        **out,
+        "tokens": tokens,
+        "kd_mask": kd_mask,
+        "ce_mask": ce_mask,
+        "ce_scale": jnp.full((tokens.shape[0],), ce_scale, jnp.float32),
+    }
+
+
+def _real_data(student, batch, rng, frozen, spec):
+    del student, rng, frozen, spec
+    mask = _masks(batch)
+    return _with_targets(batch, batch["tokens"], mask, mask), {}
+
+
+def rollout(graphdef, params, tokens_bt1, rng, *, prompt_len, temperature, eos_id):
+    """Continues tokens[:, :prompt_len] to the same length; returns (tokens, label mask [B, T]).
+
+    mask[j] = 1 where the label of input position j is a generated token (up to and including EOS).
+    """
     keys = jax.random.split(rng, tokens_bt1.shape[0])
     out = sampling.sample(
         graphdef,
@@ -62,8 +113,104 @@ def _rollout(graphdef, params, tokens_bt1, rng, *, prompt_len, temperature, eos_
         temperature=temperature,
         eos_id=eos_id,
     )
-    # mask[j] = 1 on generated token j; the label of input position j - 1 is token j.
     return out["tokens"], out["mask"][:, 1:]
+
+
+def _student_rollout(student, batch, rng, frozen, spec):
+    """GKD's mixture: with probability on_policy_fraction the continuation is the student's own sample; the
+    divergence covers the sampled positions and CE only the prompt's real labels."""
+    del frozen
+    use_key, sample_key = jax.random.split(rng)
+    use = jax.random.uniform(use_key) < spec.on_policy_fraction
+    mask = _masks(batch)
+    graphdef, params = nnx.split(student)
+
+    def sampled():
+        tokens, sample_mask = rollout(graphdef, params, batch["tokens"], sample_key, prompt_len=spec.prompt_len,
+                                      temperature=spec.sample_temperature, eos_id=spec.eos_id)
+        real = (jnp.arange(mask.shape[1]) < spec.prompt_len - 1).astype(mask.dtype)[None, :] * mask
+        return tokens, sample_mask, real
+
+    tokens, kd_mask, ce_mask = jax.lax.cond(use, sampled, lambda: (batch["tokens"], mask, mask))
+    return _with_targets(batch, tokens, kd_mask, ce_mask), {"on_policy": (use.astype(jnp.float32), jnp.ones(()))}
+
+
+def _teacher_rollout(student, batch, rng, frozen, spec):
+    """Sequence-level KD: the teacher's samples after the prompt are the hard labels."""
+    del student
+    tokens, mask = rollout(spec.teacher_graphdef, frozen, batch["tokens"], rng, prompt_len=spec.prompt_len,
+                           temperature=spec.sample_temperature, eos_id=spec.eos_id)
+    return _with_targets(batch, tokens, mask, mask), {}
+
+
+MODES = {
+    "offline": Mode(_real_data, "store"),
+    "online": Mode(_real_data, "model"),
+    "on_policy": Mode(_student_rollout, "model"),
+    "seqkd": Mode(_teacher_rollout, None),
+}
+
+
+def check_loss(mode, loss):
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {tuple(MODES)}")
+    known = ("ce", "taid", *losses.LOSSES)
+    if loss not in known:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {known}")
+    if MODES[mode].signal is None and loss != "ce":
+        raise ValueError(f"{mode} trains with cross-entropy on teacher samples: set loss='ce'")
+    if mode == "on_policy" and loss == "ce":
+        raise ValueError("on_policy needs a divergence to the teacher, not loss='ce'")
+
+
+def needs_teacher_model(mode, loss):
+    """Whether training runs the teacher network (offline reads the store; CE-only needs none)."""
+    if MODES[mode].signal is None:
+        return True  # the teacher generates the data
+    return MODES[mode].signal == "model" and loss != "ce"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The one objective.
+
+
+def kd_term(student_logits_btv, teacher, mask_bt, extra, spec: KDSpec):
+    """(sum, count) of the configured divergence (or TAID) of the student against `teacher`: the store's
+    top-k fields (a dict) or the teacher's dense logits [B, T, V]."""
+    hparams = dict(spec.hparams)
+    taid_t = {"t": extra["taid"].t} if spec.loss == "taid" else {}
+    if isinstance(teacher, dict):
+        top = (student_logits_btv, teacher["teacher_logprobs"], teacher["teacher_ids"], mask_bt)
+        kw = dict(temperature=spec.temperature, tail=spec.tail,
+                  teacher_tail_logprob_bt=teacher.get("teacher_tail_logprob"))
+        if spec.loss == "taid":
+            return losses.taid_topk(*top, **taid_t, **kw)
+        return losses.topk_kd(*top, divergence=spec.loss, **kw, **hparams)
+    if spec.loss == "taid":
+        return losses.taid(student_logits_btv, teacher, mask_bt, temperature=spec.temperature, **taid_t)
+    return losses.LOSSES[spec.loss](student_logits_btv, teacher, mask_bt, temperature=spec.temperature, **hparams)
+
+
+def objective_loss(model, batch, rng, frozen, extra, *, spec: KDSpec):
+    """ce_alpha * CE over ce_mask + (1 - ce_alpha) * divergence over kd_mask, each token-weighted (see the
+    module docstring); aux: `ce` and `kd` as (sum, count)."""
+    del rng
+    tokens = batch["tokens"]
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    student_logits = model(inputs)
+    ce_sum, ce_count = losses.cross_entropy(student_logits, labels, batch["ce_mask"])
+    aux = {"ce": (ce_sum, ce_count)}
+    if spec.loss == "ce":
+        return ce_sum, ce_count, aux
+    if MODES[spec.mode].signal == "store":
+        teacher = {k: batch[k] for k in STORE_FIELDS if k in batch}
+    else:
+        teacher = jax.lax.stop_gradient(nnx.merge(spec.teacher_graphdef, frozen)(inputs))
+    kd_sum, kd_count = kd_term(student_logits, teacher, batch["kd_mask"], extra, spec)
+    aux["kd"] = (kd_sum, kd_count)
+    # Every row of ce_scale holds the whole batch's C_kd / C_ce (see the module docstring).
+    ce_scale = batch["ce_scale"][0]
+    return spec.ce_alpha * ce_sum * ce_scale + (1.0 - spec.ce_alpha) * kd_sum, kd_count, aux
 
 
 def make_loss_fn(
@@ -79,115 +226,46 @@ def make_loss_fn(
     prompt_len=16,
     sample_temperature=1.0,
     eos_id=None,
-):
-    """Builds the step's `loss_fn(model, batch, rng, frozen, extra) -> (sum, count, aux)`.
+) -> steps.Objective:
+    """The step's objective for `mode` and `loss`: `MODES[mode].build` as its `prepare`, `objective_loss` as
+    its `loss`.  Calling it, `fn(model, batch, rng, frozen, extra) -> (sum, count, aux)`, runs both on one
+    batch.
 
     batch: `tokens` [B, T+1] (+ `mask` [B, T]); offline adds `teacher_ids`, `teacher_logprobs` [B, T, k]
     and `teacher_tail_logprob` [B, T].  frozen: the teacher's params (online / on_policy / seqkd).
     aux: `ce`, `kd` and, on_policy, `on_policy` (the fraction of batches that used student samples).
-    On a batch of student samples the divergence covers the sampled positions and the `ce_alpha` term only the
-    prompt's (real) labels: the student is never trained with CE on its own samples.
     """
     check_loss(mode, loss)
-    hparams = hparams or {}
     if not 0.0 <= ce_alpha <= 1.0:
         raise ValueError(f"ce_alpha must be in [0, 1], got {ce_alpha}")
-
-    def divergence(student_logits, batch, teacher_logits, mask, extra):
-        if teacher_logits is None:  # offline: the store's top-k
-            topk = (student_logits, batch["teacher_logprobs"], batch["teacher_ids"], mask)
-            tail_lp = batch.get("teacher_tail_logprob")
-            if loss == "taid":
-                return losses.taid_topk(
-                    *topk,
-                    t=extra["taid"].t,
-                    temperature=temperature,
-                    tail=tail,
-                    teacher_tail_logprob_bt=tail_lp,
-                )
-            return losses.topk_kd(
-                *topk,
-                divergence=loss,
-                temperature=temperature,
-                tail=tail,
-                teacher_tail_logprob_bt=tail_lp,
-                **hparams,
-            )
-        if loss == "taid":
-            return losses.taid(
-                student_logits, teacher_logits, mask, t=extra["taid"].t, temperature=temperature
-            )
-        return losses.LOSSES[loss](student_logits, teacher_logits, mask, temperature=temperature, **hparams)
-
-    def loss_fn(model, batch, rng, frozen, extra):
-        tokens = batch["tokens"]
-        mask = batch.get("mask", jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32))
-        teacher = None if frozen is None else nnx.merge(teacher_graphdef, frozen)
-        aux = {}
-        # Hard labels are only ever real data: on a batch of student samples the CE term sees the prompt's
-        # labels alone (training on its own samples would teach the student its own mistakes).
-        ce_mask = mask
-        if mode == "on_policy":
-            use_key, sample_key = jax.random.split(rng)
-            use = jax.random.uniform(use_key) < on_policy_fraction
-            graphdef, params = nnx.split(model)
-            real_labels = (jnp.arange(mask.shape[1]) < prompt_len - 1).astype(mask.dtype)[None, :] * mask
-            tokens, mask, ce_mask = jax.lax.cond(
-                use,
-                lambda: (
-                    *_rollout(
-                        graphdef,
-                        params,
-                        tokens,
-                        sample_key,
-                        prompt_len=prompt_len,
-                        temperature=sample_temperature,
-                        eos_id=eos_id,
-                    ),
-                    real_labels,
-                ),
-                lambda: (tokens, mask, mask),
-            )
-            aux["on_policy"] = (use.astype(jnp.float32), jnp.ones(()))
-        elif mode == "seqkd":
-            graphdef, params = nnx.split(teacher)
-            tokens, mask = _rollout(
-                graphdef,
-                params,
-                tokens,
-                rng,
-                prompt_len=prompt_len,
-                temperature=sample_temperature,
-                eos_id=eos_id,
-            )
-            ce_mask = mask  # seqkd's targets are the teacher's samples: that is the method
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        student_logits = model(inputs)
-        ce_sum, ce_count = losses.cross_entropy(student_logits, labels, ce_mask)
-        aux["ce"] = (ce_sum, ce_count)
-        if loss == "ce":
-            return ce_sum, ce_count, aux
-        teacher_logits = None
-        if mode != "offline":
-            teacher_logits = jax.lax.stop_gradient(teacher(inputs))
-        kd_sum, count = divergence(student_logits, batch, teacher_logits, mask, extra)
-        aux["kd"] = (kd_sum, count)
-        # Normalised by the divergence's token count; on a sampled batch the CE sum (prompt labels) rides along.
-        return ce_alpha * ce_sum + (1.0 - ce_alpha) * kd_sum, count, aux
-
-    return loss_fn
+    spec = KDSpec(
+        mode=mode,
+        loss=loss,
+        temperature=temperature,
+        ce_alpha=ce_alpha,
+        hparams=tuple(sorted((hparams or {}).items())),
+        tail=tail,
+        teacher_graphdef=teacher_graphdef,
+        on_policy_fraction=on_policy_fraction,
+        prompt_len=prompt_len,
+        sample_temperature=sample_temperature,
+        eos_id=eos_id,
+    )
+    build = MODES[mode].build
+    return steps.Objective(
+        loss=functools.partial(objective_loss, spec=spec),
+        prepare=lambda model, batch, rng, frozen, extra: build(model, batch, rng, frozen, spec),
+    )
 
 
 def make_taid_update(*, total_steps, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99):
-    """`extra_update` for train_step that advances TAID's t with each step's mean loss."""
+    """`extra_update` for train_step that advances TAID's t after each step with the step's mean TAID term
+    (`kd`, KL(p_t || q)), not the CE-mixed loss: the schedule tracks how fast the student closes in on the
+    interpolated target."""
+    schedule = losses.TaidSchedule(t_start=t_start, t_end=t_end, alpha=alpha, beta=beta).check()
 
-    def update(extra, loss, step):
-        return {
-            **extra,
-            "taid": losses.taid_update(
-                extra["taid"], loss, step, total_steps, t_start=t_start, t_end=t_end, alpha=alpha, beta=beta
-            ),
-        }
+    def update(extra, means, step):
+        return {**extra, "taid": losses.taid_update(extra["taid"], means["kd"], step, total_steps, schedule)}
 
     return update
 

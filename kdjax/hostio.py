@@ -5,6 +5,7 @@
     read_json(path)
     fsync_dir(path)                     make a rename / create inside `path` durable
     to_host(x)                          numpy copy of a (possibly multi-host sharded) jax.Array
+    hash_directory(path)                sha256 over a directory tree (checkpoint and store checksums)
 
 Why atomic: a process killed mid-write must leave either the old file or the new one, never a torn one
 that a later run would read (a tokenizer, a store record, a checkpoint checksum, a run's config).
@@ -83,3 +84,30 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hash_directory(path: str | os.PathLike, *, exclude: tuple = ()) -> tuple[str, dict]:
+    """sha256 over every file under `path` (relative path, size and bytes, in sorted order) and the sizes.
+
+    Returns ("sha256:<hex>", {relative path: size}).  Files whose relative path is in `exclude` are skipped
+    (e.g. the checksum record kept inside the directory it describes).
+    """
+    import hashlib  # pylint: disable=g-import-not-at-top
+
+    root = os.fspath(path)
+    files = sorted(
+        os.path.relpath(os.path.join(dirpath, name), root)
+        for dirpath, _, names in os.walk(root)
+        for name in names
+    )
+    h, sizes = hashlib.sha256(), {}
+    for rel in files:
+        if rel in exclude:
+            continue
+        full = os.path.join(root, rel)
+        sizes[rel] = os.path.getsize(full)
+        h.update(f"{rel}|{sizes[rel]}\n".encode())
+        with open(full, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest(), sizes

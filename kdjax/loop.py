@@ -6,6 +6,7 @@ Trainer class) so an experiment file reads top to bottom.
 """
 
 import itertools
+import sys
 import time
 
 import jax
@@ -28,22 +29,35 @@ def to_device(host_batch: dict, shardings: dict) -> dict:
     }
 
 
-def check_finite(pending: list[tuple[int, dict]]):
-    """Raises FloatingPointError naming the first step whose loss or gradient was not finite.
+def check_finite(pending: list[tuple[int, dict]], checkpointer=None):
+    """Raises FloatingPointError naming the first step that was not applied because something was not finite.
 
     `pending` holds (step, metrics) pairs of steps run since the last check; the train step reports
-    `nonfinite` and leaves the state unchanged on such a step, so nothing is damaged by checking late.
-    One device transfer for all pending steps.
+    `nonfinite` and leaves the state unchanged on such a step, so nothing is damaged by checking late (one
+    device transfer for all pending steps).  The message says what was not finite (the loss, the gradient,
+    or what the update produced) and, when `checkpointer` is given, which checkpoint is the latest good one
+    (or that there is none) once every save in flight has finished.
     """
     if not pending:
         return
     flags = jax.device_get([m["nonfinite"][0] for _, m in pending])
     for (step, metrics), flag in zip(pending, flags):
         if flag > 0:
-            loss = float(jax.device_get(metrics["loss"][0]))
+            host = steps.reduce_metrics({k: metrics[k] for k in ("loss", "grad_norm")})
+            loss, grad_norm = host["loss"], host["grad_norm"]
+            if not np.isfinite(loss):
+                what = "the loss was not finite"
+            elif not np.isfinite(grad_norm):
+                what = "the gradient was not finite"
+            else:
+                what = (
+                    "the update made the parameters or the optimizer state non-finite (a learning rate too "
+                    "large for this model?)"
+                )
+            where = f"; {checkpointer.describe_latest()}" if checkpointer is not None else ""
             raise FloatingPointError(
-                f"non-finite loss or gradient at step {step} (loss sum {loss}); the step was not applied and "
-                "the last checkpoint is intact"
+                f"step {step}: {what} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); the step was not "
+                f"applied and nothing non-finite was saved{where}"
             )
 
 
@@ -71,7 +85,6 @@ def train_loop(
     total_steps: int,
     log_every: int,
     eval_every: int,
-    checkpoint_every: int,
     tokens_per_step: int,
     frozen=None,
     desc: str = "train",
@@ -79,42 +92,105 @@ def train_loop(
 ):
     """Runs `train_step` from `state.step` to `total_steps` with logging, evaluation and checkpoints.
 
-    `run_eval(step, params) -> dict` evaluates and returns the scalars it logged.  Train metrics are logged
-    as token-weighted means over each window of `log_every` steps.  Finiteness is checked before every save,
-    so a checkpoint never follows a bad step.  The data iterator's position is saved with the state, so a
-    resumed run sees exactly the batches an uninterrupted one would.
+    `run_eval(params) -> {name: float}` evaluates; the loop logs what it returns at every `eval_every` steps
+    and at the end.  Train metrics are logged as token-weighted means over each window of `log_every` steps,
+    with the window's measured throughput.  Before every save the pending steps' finiteness flags are checked
+    and the state itself is checked on device, so a checkpoint never holds a non-finite value.  The data
+    iterator's position is saved with the state, so a resumed run sees exactly the batches an uninterrupted
+    one would.  A rerun of a finished job trains nothing and logs nothing again: it evaluates the restored
+    state and returns that.
     Returns (state, the last evaluation's scalars).
     """
     start = int(state.step)
-    pending, window, t0, val = [], None, time.perf_counter(), None
-    bar = tqdm.tqdm(
-        range(start, total_steps),
-        initial=start,
-        total=total_steps,
-        desc=desc,
-        disable=jax.process_index() != 0,
-    )
+    if start >= total_steps:
+        return state, run_eval(state.params)
+    check_state = jax.jit(steps.tree_all_finite)
+    pending, window, window_steps, t0, val = [], None, 0, time.perf_counter(), None
+    bar = progress_bar(range(start, total_steps), initial=start, total=total_steps, desc=desc)
     for step in bar:
         state, metrics = train_step(state, to_device(next(data_iter), batch_shardings), frozen)
         done = step + 1
         pending.append((done, metrics))
         window = steps.add_metrics(window, metrics)
+        window_steps += 1
         if debug_sleep_per_step:
             time.sleep(debug_sleep_per_step)
-        if done % log_every == 0 or done % checkpoint_every == 0 or done == total_steps:
-            check_finite(pending)
+        save_due = checkpointer.should_save(done) or done == total_steps
+        if done % log_every == 0 or save_due:
+            check_finite(pending, checkpointer)
             pending = []
         if done % log_every == 0 or done == total_steps:
             m = steps.reduce_metrics(window)
-            rate = log_every * tokens_per_step / (time.perf_counter() - t0)
+            rate = window_steps * tokens_per_step / (time.perf_counter() - t0)
             m.pop("nonfinite", None)
             writer.write(done, {**{f"train/{k}": v for k, v in m.items()}, "train/tokens_per_s": rate})
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
-            window, t0 = None, time.perf_counter()
+            window, window_steps, t0 = None, 0, time.perf_counter()
         if done % eval_every == 0 or done == total_steps:
-            val = run_eval(done, state.params)
+            val = run_eval(state.params)
+            writer.write(done, val)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-        checkpointer.save(done, state, data_iter.get_state(), force=done == total_steps)
-    if val is None:  # resumed after the last step: evaluate what was restored
-        val = run_eval(start, state.params)
+        if save_due:
+            if not bool(check_state(state)):
+                raise FloatingPointError(
+                    f"step {done}: the train state holds non-finite values; not saving it; "
+                    f"{checkpointer.describe_latest()}"
+                )
+            checkpointer.save(done, state, data_iter.get_state(), force=done == total_steps)
     return state, val
+
+
+def progress_bar(iterable=None, *, total=None, initial=0, desc="", unit="it", unit_scale=False, every_s=30.0):
+    """A progress bar on process 0: tqdm in a terminal; otherwise (a log file, CI) one plain line at most
+    every `every_s` seconds, so logs hold readable progress instead of carriage returns.
+
+    Supports what kdjax uses: iteration, `update(n)`, `set_postfix(**kw)`, `write(text)`, `close()`.
+    """
+    enabled = jax.process_index() == 0
+    if enabled and sys.stderr.isatty():
+        return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale)
+    return LineProgress(iterable, total=total, initial=initial, desc=desc, unit=unit, every_s=every_s,
+                        enabled=enabled)
+
+
+class LineProgress:
+    """Periodic progress lines for non-interactive output (see `progress_bar`)."""
+
+    def __init__(self, iterable, *, total, initial, desc, unit, every_s, enabled):
+        self.iterable, self.total, self.n, self.desc, self.unit = iterable, total, initial, desc, unit
+        self.every_s, self.enabled, self.postfix = every_s, enabled, ""
+        self._t0 = self._last = time.perf_counter()
+        self._n0 = initial
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n=1):
+        self.n += n
+        now = time.perf_counter()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._print()
+
+    def _print(self):
+        if not self.enabled:
+            return
+        rate = (self.n - self._n0) / max(time.perf_counter() - self._t0, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{of} {self.unit} ({rate:,.1f} {self.unit}/s){self.postfix}", flush=True)
+
+    def set_postfix(self, **kw):
+        self.postfix = " " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def write(self, text):
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self):
+        if self.enabled and self.n != self._n0:
+            self._last = time.perf_counter()
+            self._print()
+            self._n0 = self.n

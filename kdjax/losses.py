@@ -306,6 +306,16 @@ def skew_reverse_kl(student_logits_btv, teacher_logits_btv, mask_bt, *, temperat
     return _dense("srkl", student_logits_btv, teacher_logits_btv, mask_bt, temperature, alpha=alpha)
 
 
+def check_hparams(name, *, temperature=1.0, **hparams):
+    """Raises the ValueError / TypeError that `LOSSES[name]` would raise for these hyperparameters, without
+    a model: for validating a config before a run writes anything.  The checks are the losses' own."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    _check_temperature(temperature)
+    example = jnp.zeros((1, 1, 2), jnp.float32)
+    jax.eval_shape(lambda a: LOSSES[name](a, a, jnp.ones((1, 1)), temperature=temperature, **hparams), example)
+
+
 # Configs name a loss by string: LOSSES[config.loss](student, teacher, mask, temperature=..., **hp).
 LOSSES = {
     "fkl": forward_kl,
@@ -422,6 +432,7 @@ def _topk_log_probs(student_logits_btv, teacher_logprobs_btk, teacher_ids_btk, m
         # over the k ids is exactly the tempered teacher restricted and renormalised to those ids.
         return (jax.nn.log_softmax(teacher_btk / temperature, axis=-1),
                 jax.nn.log_softmax(student_btk / temperature, axis=-1))
+    _check_are_logprobs(teacher_logprobs_btk, mask_bt)
     # The student's bucket needs its full-vocabulary normaliser: the one [B, T, V] reduction.
     logz_bt = jax.nn.logsumexp(_clean(student_logits_btv, mask_bt, dtype), axis=-1)
     student_logprobs_btk = student_btk - logz_bt[..., None]
@@ -431,6 +442,29 @@ def _topk_log_probs(student_logits_btv, teacher_logprobs_btk, teacher_ids_btk, m
                                             -jnp.inf)
     return (_with_bucket(teacher_btk, temperature, teacher_tail_logprob_bt),
             _with_bucket(student_logprobs_btk, temperature))
+
+
+# Stored log-probs are rounded (bf16: 2^-8 relative), so their logsumexp may exceed 0 by a little.
+_LOGPROB_SLACK = 0.02
+
+
+def _check_are_logprobs(teacher_logprobs_btk, mask_bt):
+    """Bucket mode needs full-vocabulary log-probs: raw top-k logits (logsumexp > 0) would make the tail
+    bucket's mass 1 - sum(exp(logits)) meaningless, silently.  Checked when the inputs are concrete (eager
+    calls, tests, data pipelines); under jit the values are unknown and the contract is the caller's."""
+    if isinstance(teacher_logprobs_btk, jax.core.Tracer) or isinstance(mask_bt, jax.core.Tracer):
+        return
+    # NumPy, not jnp: inside someone else's jit a concrete constant must not become a traced value here.
+    x = np.asarray(teacher_logprobs_btk, np.float32)
+    top = np.max(x, axis=-1, keepdims=True)
+    lse = (top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True)))[..., 0]
+    bad = (lse > _LOGPROB_SLACK) & (np.asarray(mask_bt) != 0)
+    if bad.any():
+        raise ValueError(
+            f"topk_kd(tail='bucket') needs the teacher's full-vocabulary log-probs at its top-k ids, but "
+            f"{int(bad.sum())} position(s) have logsumexp up to {float(lse[bad].max()):.3f} > 0: these look "
+            "like raw logits; pass logits - logsumexp(all logits) (kdjax.teacher_store.topk_targets does)"
+        )
 
 
 def topk_kd(student_logits_btv, teacher_logprobs_btk, teacher_ids_btk, mask_bt, *, divergence,
@@ -453,7 +487,8 @@ def topk_kd(student_logits_btv, teacher_logprobs_btk, teacher_ids_btk, mask_bt, 
     Args:
       student_logits_btv: [B, T, V] student logits.
       teacher_logprobs_btk: [B, T, K] full-vocabulary log-softmax values (T = 1) of the teacher at
-        its top-k ids, any float dtype.
+        its top-k ids, any float dtype.  Not raw logits: in bucket mode those give a wrong tail mass, so
+        concrete (non-traced) inputs whose logsumexp exceeds 0 are refused with a ValueError.
       teacher_ids_btk: [B, T, K] int ids, distinct within a position.
       mask_bt: [B, T].
       divergence: a name in DIVERGENCES.
@@ -543,40 +578,80 @@ class TaidState(NamedTuple):
     prev_loss: Array
 
 
-def taid_init(*, t_start=0.4):
+class TaidSchedule(NamedTuple):
+    """TAID's schedule hyperparameters, one object for `taid_init` and `taid_update` so the two cannot
+    disagree on t_start.  Defaults are the paper's and the official code's (t_start 0.4, alpha 5e-4,
+    beta 0.99; the official scripts also use t_start 0.2)."""
+
+    t_start: float = 0.4
+    t_end: float = 1.0
+    alpha: float = 5e-4
+    beta: float = 0.99
+    eps: float = 1e-8
+
+    def check(self):
+        """ValueError naming the first hyperparameter out of range."""
+        if not 0 <= self.t_start < 1:
+            raise ValueError(f"taid t_start must be in [0, 1), got {self.t_start}")
+        if not self.t_start < self.t_end <= 1:
+            raise ValueError(f"taid t_end must be in (t_start={self.t_start}, 1], got {self.t_end}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"taid alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"taid beta must be in [0, 1), got {self.beta}")
+        return self
+
+
+def check_taid_schedule(**kwargs):
+    """`TaidSchedule(**kwargs).check()`: for validating a config's `taid` section before a run."""
+    return TaidSchedule(**kwargs).check()
+
+
+def taid_init(schedule: TaidSchedule = TaidSchedule()):
     """The schedule's state before the first step: t = t_start, momentum 0, no previous loss."""
-    return TaidState(t=jnp.asarray(t_start, jnp.float32), momentum=jnp.zeros((), jnp.float32),
+    return TaidState(t=jnp.asarray(schedule.t_start, jnp.float32), momentum=jnp.zeros((), jnp.float32),
                      prev_loss=jnp.asarray(jnp.inf, jnp.float32))
 
 
-def taid_update(taid_state, loss, step, total_steps, *, t_start=0.4, t_end=1.0, alpha=5e-4,
-                beta=0.99, eps=1e-8):
-    """The paper's adaptive update of t, a pure function (jit-able, no host sync).
+def taid_update(taid_state, loss, step, total_steps, schedule: TaidSchedule = TaidSchedule()):
+    """The adaptive update of t after a step, a pure function (jit-able, no host sync).
 
-      delta = (L_prev - L) / (L_prev + eps)          relative improvement (0 on the first step)
+      first call (no previous loss): only record the loss; t and m stay as they are
+      delta = (L_prev - L) / (L_prev + eps)          relative improvement of the TAID objective
       m    <- beta * m + (1 - beta) * delta
       t    <- min(t_end, max(t_start + (t_end - t_start) * step / total_steps,
                              t + alpha * sigmoid(m) * (1 - t)))
 
     t never falls below the linear schedule and moves faster while the loss is still improving.
-    Paper: Shing et al., "TAID", ICLR 2025, Algorithm 1.
+    Paper: Shing et al., "TAID", ICLR 2025, Algorithm 1: the momentum, the sigmoid step and the floor at
+    the linear schedule are the paper's; L is the paper's objective J^(t) = KL(p_t || q) (the official
+    code feeds its loss function's value, the cross-entropy KL + H(p_t), instead).  The paper does not say
+    what the first step does; as in the official code (SakanaAI/TAID, distil_losses/taid.py) it only
+    records the loss.
 
     Args:
       taid_state: TaidState.
-      loss: scalar, the mean TAID loss of the step just taken (gradients are stopped).
+      loss: scalar, the mean TAID loss (KL(p_t || q)) of the step just taken (gradients are stopped).
       step: index of that step (0-based); total_steps: length of the schedule.
+      schedule: the hyperparameters, the same object `taid_init` got.
     Returns:
       The new TaidState; its t is used by the next step.
     """
+    t_start, t_end, alpha, beta, eps = schedule
     loss = jax.lax.stop_gradient(jnp.asarray(loss, jnp.float32))
     prev = taid_state.prev_loss
-    delta = jnp.where(jnp.isfinite(prev), (prev - loss) / (prev + eps), 0.0)
+    first = ~jnp.isfinite(prev)
+    delta = jnp.where(first, 0.0, (prev - loss) / (jnp.where(first, 1.0, prev) + eps))
     momentum = beta * taid_state.momentum + (1 - beta) * delta
     progress = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
     t_linear = t_start + (t_end - t_start) * progress
     t_adaptive = taid_state.t + alpha * jax.nn.sigmoid(momentum) * (1 - taid_state.t)
     t = jnp.minimum(t_end, jnp.maximum(t_linear, t_adaptive))
-    return TaidState(t=t.astype(jnp.float32), momentum=momentum.astype(jnp.float32), prev_loss=loss)
+    return TaidState(
+        t=jnp.where(first, taid_state.t, t).astype(jnp.float32),
+        momentum=jnp.where(first, taid_state.momentum, momentum).astype(jnp.float32),
+        prev_loss=loss,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,12 +7,17 @@ A kdjax work directory, as written by `experiments.lm_pretrain` (and the distill
 import dataclasses
 import json
 import os
+from typing import Optional
 
+import jax
 from flax import nnx
 
-from kdjax import checkpoint, sharding
+from kdjax import checkpoint, hostio, sharding
+from kdjax.data import hf_tokenizer
 from kdjax.data.tokenizer import Tokenizer
 from kdjax.models.transformer import Transformer, TransformerConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
 
 
 @dataclasses.dataclass
@@ -23,17 +28,43 @@ class Pretrained:
     tokenizer: Tokenizer
     step: int
     source: str = ""  # the directory it came from (its tokenizer.json is the one the data must use)
+    max_positions: Optional[int] = None  # a Hugging Face source's stated position limit (exports keep it)
 
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.params)
 
 
+def load_model_config(workdir: str) -> TransformerConfig:
+    """The architecture a kdjax work directory's model was trained with (its model_config.json)."""
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a kdjax work directory: no {MODEL_CONFIG_FILE}")
+    return TransformerConfig(**hostio.read_json(path))
+
+
+class ArchitectureMismatchError(ValueError):
+    """A work directory already describes another model."""
+
+
 def save_model_files(workdir: str, model_config: TransformerConfig, tokenizer: Tokenizer):
-    """Writes model_config.json and tokenizer.json next to the checkpoints."""
+    """Writes model_config.json, tokenizer.json and tokenizer_config.json (which keeps a non-default EOS) next
+    to the checkpoints, on process 0.
+
+    An existing different model_config.json is an error, never overwritten: the work directory's checkpoints
+    (and anyone using it as a teacher) depend on it.
+    """
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    new = dataclasses.asdict(model_config)
+    if os.path.exists(path):
+        old = hostio.read_json(path)
+        if old != json.loads(json.dumps(new)):
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ArchitectureMismatchError(f"{path} describes another architecture (differs in {diff}); not replacing it")
+    if jax.process_index() != 0:
+        return
     os.makedirs(workdir, exist_ok=True)
-    tokenizer.save(os.path.join(workdir, "tokenizer.json"))
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(model_config), f, indent=1)
+    hf_tokenizer.save_tokenizer_files(workdir, tokenizer, model_max_length=model_config.max_len)
+    hostio.write_json_atomically(path, new, sort_keys=False)
 
 
 def abstract_model(model_config: TransformerConfig, mesh, rules):
@@ -47,12 +78,8 @@ def abstract_model(model_config: TransformerConfig, mesh, rules):
 
 def load_workdir(workdir: str, *, mesh, rules, step=None) -> Pretrained:
     """Loads the params of a kdjax work directory's latest (or given) checkpoint straight into shardings."""
-    config_path = os.path.join(workdir, "model_config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir} is not a kdjax work directory: no model_config.json")
-    with open(config_path) as f:
-        model_config = TransformerConfig(**json.load(f))
-    tokenizer = Tokenizer.from_file(os.path.join(workdir, "tokenizer.json"))
+    model_config = load_model_config(workdir)
+    tokenizer = hf_tokenizer.load_tokenizer_files(workdir)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise ValueError(
             f"{workdir}: tokenizer.json has vocab size {tokenizer.vocab_size} but the model has "
@@ -60,11 +87,11 @@ def load_workdir(workdir: str, *, mesh, rules, step=None) -> Pretrained:
         )
     graphdef, abstract, _ = abstract_model(model_config, mesh, rules)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {workdir}/checkpoints")
-    params = ckpt.restore_params(abstract, step)
-    ckpt.close()
+    try:
+        params = ckpt.restore_params(abstract, step)
+        step = ckpt.latest_step() if step is None else step
+    finally:
+        ckpt.close()
     return Pretrained(graphdef, params, model_config, tokenizer, step, source=workdir)
 
 
@@ -74,10 +101,12 @@ def load_model(*, workdir: str = "", hf_path: str = "", mesh, rules, what: str =
     if workdir and hf_path:
         raise ValueError(f"{what}: give a kdjax work directory or a Hugging Face path, not both")
     if hf_path:
-        from kdjax.models import hf  # pylint: disable=g-import-not-at-top
+        from kdjax import hf  # pylint: disable=g-import-not-at-top  (transformers-free, but heavier)
 
         ckpt = hf.load_hf_params(hf_path, mesh=mesh, rules=rules)
-        return Pretrained(ckpt.graphdef, ckpt.params, ckpt.config, ckpt.tokenizer, 0, source=hf_path)
+        limit = ckpt.hf_config.get("max_position_embeddings", ckpt.hf_config.get("n_positions"))
+        return Pretrained(ckpt.graphdef, ckpt.params, ckpt.config, ckpt.tokenizer, 0, source=hf_path,
+                          max_positions=limit)
     if workdir:
         return load_workdir(workdir, mesh=mesh, rules=rules)
     return None

@@ -12,8 +12,9 @@ Metrics leave the step as `(sum, count)` pairs; `reduce_metrics` turns them into
 so averages stay exact over padding, microbatches, devices and hosts.
 """
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -82,6 +83,37 @@ def lm_loss(model, batch, rng, frozen, extra):
     return total, count, {"ce": (total, count)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training objective in two parts, so that targets are built once per step and losses stay exact.
+
+    prepare(model, batch, rng, frozen, extra) -> (batch, aux)   optional; once per step on the WHOLE batch,
+        with gradients stopped: builds what the loss is scored against (e.g. on-policy samples of the model
+        itself, a teacher's generations) and the masks of each loss term.  Running it before the microbatches
+        makes every mask's global token count known before any gradient, so each term can be token-weighted
+        over its own mask exactly, whatever `accum_steps` is.
+    loss(model, batch, rng, frozen, extra) -> (sum, count, aux)   per microbatch, differentiated.
+
+    Calling an Objective runs both on one batch (evaluation, tests).  A plain `loss` function is an Objective
+    without `prepare`.
+    """
+
+    loss: Callable
+    prepare: Optional[Callable] = None
+
+    def __call__(self, model, batch, rng, frozen, extra):
+        prep_rng, loss_rng = jax.random.split(rng)
+        aux = {}
+        if self.prepare is not None:
+            batch, aux = self.prepare(model, batch, prep_rng, frozen, extra)
+        total, count, loss_aux = self.loss(model, batch, loss_rng, frozen, extra)
+        return total, count, {**aux, **loss_aux}
+
+
+def as_objective(loss_fn) -> Objective:
+    return loss_fn if isinstance(loss_fn, Objective) else Objective(loss=loss_fn)
+
+
 def _split_microbatches(batch, accum_steps):
     def split(x):
         if x.shape[0] % accum_steps:
@@ -91,6 +123,77 @@ def _split_microbatches(batch, accum_steps):
     return jax.tree.map(split, batch)
 
 
+class Accumulated(NamedTuple):
+    """Gradient and loss of one step, summed over its microbatches (not yet divided by `count`)."""
+
+    grads: Any
+    total: jax.Array  # float32 scalar: sum of the microbatches' loss sums
+    count: jax.Array  # float32 scalar: sum of their counts
+    aux: dict  # {name: (sum, count)}, summed
+
+
+def accumulate_gradients(objective, params, batch, rng, accum_steps) -> Accumulated:
+    """Σ over microbatches of ∇ loss_sum, loss_sum, count and aux, for `objective(params, mb, rng) ->
+    (sum, (count, aux))`.
+
+    Microbatches run sequentially under `lax.scan` to save memory; each gets its own key.  With
+    `accum_steps == 1` there is no scan: the [1, B, ...] reshape would make XLA re-shard the batch.
+    """
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    mb_rngs = jax.random.split(rng, accum_steps)
+    if accum_steps == 1:
+        (total, (count, aux)), grads = grad_fn(params, batch, mb_rngs[0])
+        return Accumulated(grads, total, count, aux)
+    micro = _split_microbatches(batch, accum_steps)
+
+    def body(acc, xs):
+        (total, (count, aux)), grads = grad_fn(params, *xs)
+        return Accumulated(*jax.tree.map(jnp.add, tuple(acc), (grads, total, count, aux))), None
+
+    aux_shape = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], micro), mb_rngs[0])[1][1])
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    init = Accumulated(
+        jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(aux_shape)
+    )
+    acc, _ = jax.lax.scan(body, init, (micro, mb_rngs))
+    return acc
+
+
+def tree_all_finite(*trees) -> jax.Array:
+    """True iff every floating-point leaf of every tree is finite (one fused reduction under jit)."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(trees)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def guarded_update(state: TrainState, grads, loss, *, tx, extra_update=None, means=None):
+    """Applies `grads` unless anything about the step is not finite; returns (new state, finite flag).
+
+    The guard covers the loss, the gradient norm AND what the update produces: the new parameters and the
+    new optimizer state (a finite gradient times a learning rate of 1e39 is a non-finite parameter; a finite
+    gradient of 1e20 squares to an infinite Adam second moment).  A step that fails any of these leaves
+    params, optimizer state, step and loss-specific state exactly as they were.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(params, opt_state)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    extra = state.extra
+    if extra_update is not None:
+        extra = keep(extra_update(state.extra, means if means is not None else {"loss": loss}, state.step), state.extra)
+    new_state = state.replace(
+        step=state.step + finite.astype(state.step.dtype),
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        extra=extra,
+    )
+    return new_state, finite, grad_norm
+
+
 def train_step(
     state: TrainState,
     batch,
@@ -98,84 +201,53 @@ def train_step(
     *,
     graphdef,
     tx,
-    loss_fn: Callable,
+    loss_fn,
     accum_steps=1,
     extra_update=None,
 ):
     """One optimizer update on the token-weighted mean loss of `batch`.
 
-    `extra_update(extra, loss, step) -> extra` (optional) advances loss-specific state after the step,
-    e.g. TAID's interpolation coefficient; it sees the step's mean loss and the 0-based step index.
+    `loss_fn` is an `Objective` or a plain `loss(model, batch, rng, frozen, extra) -> (sum, count, aux)`.
+    `extra_update(extra, means, step) -> extra` (optional) advances loss-specific state after the step,
+    e.g. TAID's interpolation coefficient; it sees the step's means ({"loss": ..., and each aux metric's
+    sum / count, e.g. "kd"}) and the 0-based step index.
 
     The gradient is  (Σ_microbatches ∇ loss_sum) / Σ count:  exactly the gradient of the mean over the
-    whole batch, whatever `accum_steps` is (microbatches run sequentially under `lax.scan` to save memory).
-    A non-finite loss or gradient leaves params and optimizer state unchanged and sets
-    `metrics['nonfinite']`, so the host can stop with the step number and no damage to the state.
+    whole batch, whatever `accum_steps` is.  A step whose loss, gradient, new parameters or new optimizer
+    state is not finite is not applied (`guarded_update`) and sets `metrics['nonfinite']`, so the host can
+    stop with the step number and no damage to the state.
     """
+    objective_spec = as_objective(loss_fn)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    # prepare draws with the first microbatch's key: the losses draw nothing once the targets are built, and
+    # it keeps the sampling stream (and so on-policy runs) identical to when sampling lived in the loss.
+    prep_rng = jax.random.split(step_rng, accum_steps)[0]
+    prep_aux = {}
+    if objective_spec.prepare is not None:
+        model = nnx.merge(graphdef, jax.lax.stop_gradient(state.params))
+        batch, prep_aux = objective_spec.prepare(model, batch, prep_rng, frozen, state.extra)
+        batch = jax.lax.stop_gradient(batch)
 
     def objective(params, microbatch, mb_rng):
-        model = nnx.merge(graphdef, params)
-        total, count, aux = loss_fn(model, microbatch, mb_rng, frozen, state.extra)
+        total, count, aux = objective_spec.loss(nnx.merge(graphdef, params), microbatch, mb_rng, frozen, state.extra)
         return total, (count, aux)
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    micro = _split_microbatches(batch, accum_steps) if accum_steps > 1 else None
-    mb_rngs = jax.random.split(step_rng, accum_steps)
-
-    def accumulate(carry, xs):
-        microbatch, mb_rng = xs
-        (total, (count, aux)), grads = grad_fn(state.params, microbatch, mb_rng)
-        acc_grads, acc_total, acc_count, acc_aux = carry
-        return (
-            jax.tree.map(jnp.add, acc_grads, grads),
-            acc_total + total,
-            acc_count + count,
-            jax.tree.map(jnp.add, acc_aux, aux),
-        ), None
-
-    if accum_steps == 1:
-        # No scan for the common case: the [1, B, ...] reshape would make XLA re-shard the batch.
-        (total, (count, aux)), grads = grad_fn(state.params, batch, mb_rngs[0])
-    else:
-        aux_shape = jax.eval_shape(
-            lambda: objective(state.params, jax.tree.map(lambda x: x[0], micro), mb_rngs[0])[1][1]
-        )
-        init = (
-            jax.tree.map(jnp.zeros_like, state.params),
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
-        )
-        (grads, total, count, aux), _ = jax.lax.scan(accumulate, init, (micro, mb_rngs))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = total / denom
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    extra = (
-        state.extra
-        if extra_update is None
-        else keep(extra_update(state.extra, loss, state.step), state.extra)
-    )
-    new_state = state.replace(
-        step=state.step + finite.astype(state.step.dtype),
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        rng=jax.random.key_data(rng),
-        extra=extra,
+    acc = accumulate_gradients(objective, state.params, batch, step_rng, accum_steps)
+    denom = jnp.maximum(acc.count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, acc.grads)
+    loss = acc.total / denom
+    means = {"loss": loss, **{k: s / jnp.maximum(c, 1.0) for k, (s, c) in acc.aux.items()}}
+    new_state, finite, grad_norm = guarded_update(
+        state, grads, loss, tx=tx, extra_update=extra_update, means=means
     )
     metrics = {
-        "loss": (total, count),
+        "loss": (acc.total, acc.count),
         "grad_norm": (grad_norm, jnp.ones(())),
-        **aux,
+        **prep_aux,
+        **acc.aux,
         "nonfinite": (1.0 - finite.astype(jnp.float32), jnp.ones(())),
     }
-    return new_state, metrics
+    return new_state.replace(rng=jax.random.key_data(rng)), metrics
 
 
 def eval_step(params, batch, frozen=None, *, graphdef, metrics_fn: Callable):

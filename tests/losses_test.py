@@ -451,27 +451,66 @@ class TaidTest(chex.TestCase):
             np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(grad, want_grad, atol=1e-6)
 
-    def test_update_follows_the_paper(self):
-        t_start, t_end, alpha, beta, eps, total = 0.4, 1.0, 0.05, 0.9, 1e-8, 20
-        state = losses.taid_init(t_start=t_start)
-        update = jax.jit(functools.partial(losses.taid_update, t_start=t_start, t_end=t_end,
-                                           alpha=alpha, beta=beta), static_argnums=3)
-        t, m, prev = t_start, 0.0, None
-        for step, loss in enumerate([3.0, 2.5, 2.4, 2.6, 2.0, 1.0, 1.0, 0.9]):
-            state = update(state, jnp.float32(loss), step, total)
-            delta = 0.0 if prev is None else (prev - loss) / (prev + eps)
-            m = beta * m + (1 - beta) * delta
-            t = min(t_end, max(t_start + (t_end - t_start) * step / total,
-                               t + alpha * (1 / (1 + np.exp(-m))) * (1 - t)))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_topk_at_k_equals_v_is_dense_taid_for_t_below_one(self):
+        # At t < 1 the interpolation matters (at t = 1 it vanishes): a store holding all V entries must give
+        # exactly the dense TAID, value and gradient, for both tails and at T != 1.
+        s, t = _pair(24)
+        logprobs, ids = _topk_store(t, V)
+        for t_value in (0.0, 0.3, 0.7):
+            for temperature in (1.0, 2.0):
+                dense = self.variant(jax.value_and_grad(
+                    lambda a: losses.taid(a, t, MASK, t=t_value, temperature=temperature)[0]))
+                want, want_grad = dense(s)
+                for tail in losses.TAILS:
+                    topk = self.variant(jax.value_and_grad(lambda a, tail=tail: losses.taid_topk(
+                        a, logprobs, ids, MASK, t=t_value, temperature=temperature, tail=tail)[0]))
+                    got, got_grad = topk(s)
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{t_value} {tail}")
+                    np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)
+
+    def test_update_matches_algorithm_1_in_float64(self):
+        # An independent route: the paper's Algorithm 1 stepped by hand in float64 Python, the losses being
+        # the values of a real TAID objective KL(p_t || q) along a sequence of students, with the first step
+        # only recording the loss (as the official code does).
+        sched = losses.TaidSchedule(t_start=0.4, t_end=1.0, alpha=0.05, beta=0.9)
+        total = 20
+        update = jax.jit(losses.taid_update, static_argnums=(3, 4))
+        state = losses.taid_init(sched)
+        t_ref, m_ref, prev = sched.t_start, 0.0, None
+        s0, teacher = _pair(25)
+        for step in range(8):
+            student = s0 + step * 0.3 * (teacher - s0) / 8  # a student walking towards the teacher
+            p_t = np_softmax((1 - t_ref) * student + t_ref * teacher)
+            loss = float(np.sum(np_kl(p_t, np_softmax(student)) * MASK) / MASK.sum())
+            state = update(state, jnp.float32(loss), step, total, sched)
+            if prev is not None:
+                m_ref = sched.beta * m_ref + (1 - sched.beta) * (prev - loss) / (prev + sched.eps)
+                linear = sched.t_start + (sched.t_end - sched.t_start) * step / total
+                step_up = t_ref + sched.alpha * (1 / (1 + np.exp(-m_ref))) * (1 - t_ref)
+                t_ref = min(sched.t_end, max(linear, step_up))
             prev = loss
-            np.testing.assert_allclose(state.t, t, rtol=1e-6)
-            np.testing.assert_allclose(state.momentum, m, rtol=1e-5, atol=1e-7)
-        state = update(state, jnp.float32(0.5), 2 * total, total)
-        self.assertEqual(state.t, t_end)
+            np.testing.assert_allclose(float(state.t), t_ref, rtol=1e-6)
+            np.testing.assert_allclose(float(state.momentum), m_ref, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(float(state.prev_loss), loss, rtol=1e-6)
+        state = update(state, jnp.float32(0.5), 2 * total, total, sched)
+        self.assertEqual(float(state.t), sched.t_end)
+
+    def test_first_update_only_records_the_loss(self):
+        sched = losses.TaidSchedule(t_start=0.25)
+        state = losses.taid_update(losses.taid_init(sched), 3.0, 0, 100, sched)
+        self.assertEqual(float(state.t), 0.25)
+        self.assertEqual(float(state.momentum), 0.0)
+        self.assertEqual(float(state.prev_loss), 3.0)
+
+    def test_schedule_is_checked(self):
+        for bad in (dict(t_start=1.0), dict(t_start=0.5, t_end=0.4), dict(alpha=-1.0), dict(beta=1.0)):
+            with self.assertRaises(ValueError):
+                losses.TaidSchedule(**bad).check()
 
     def test_state_survives_checkpoint(self):
         state = losses.taid_init()
-        for step, loss in enumerate([2.0, 1.5]):
+        for step, loss in enumerate([2.0, 1.5, 1.2]):
             state = losses.taid_update(state, loss, step, 100)
         fresh = losses.taid_init()
         self.assertTrue(np.isinf(fresh.prev_loss))  # inf must round-trip too
@@ -613,3 +652,32 @@ class MetricsTest(chex.TestCase):
         # Uniform over the 6 unmasked entries has entropy log 6.
         uniform = np.where(np.arange(V) == 0, -np.inf, 0.0) * np.ones((B, T, 1))
         np.testing.assert_allclose(losses.entropy(uniform, MASK)[0], count * np.log(V - 1), rtol=1e-6)
+
+
+class InputChecksTest(chex.TestCase):
+
+    def test_bucket_mode_refuses_raw_logits_when_concrete(self):
+        s, t = _pair(40)
+        logprobs, ids = _topk_store(t, K)
+        raw = np.take_along_axis(t, ids, axis=-1)  # the same entries as logits: logsumexp > 0
+        losses.topk_kd(s, logprobs, ids, MASK, divergence="fkl", tail="bucket")  # log-probs pass
+        with self.assertRaisesRegex(ValueError, "raw logits"):
+            losses.topk_kd(s, raw, ids, MASK, divergence="fkl", tail="bucket")
+        # Renormalize mode is invariant to the per-token constant, so logits and log-probs agree there.
+        a = losses.topk_kd(s, raw, ids, MASK, divergence="fkl", tail="renormalize")
+        b = losses.topk_kd(s, logprobs, ids, MASK, divergence="fkl", tail="renormalize")
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+        # bf16-rounded log-probs of a full distribution may sum a hair above 1: not refused.
+        full, full_ids = _topk_store(t, V)
+        losses.topk_kd(s, full.astype(jnp.bfloat16), full_ids, MASK, divergence="fkl", tail="bucket")
+
+    def test_check_hparams_raises_the_losses_own_errors(self):
+        losses.check_hparams("jsd", temperature=2.0, beta=0.3)
+        with self.assertRaisesRegex(ValueError, "beta=1"):
+            losses.check_hparams("jsd", beta=1.0)
+        with self.assertRaisesRegex(ValueError, "temperature"):
+            losses.check_hparams("fkl", temperature=-1.0)
+        with self.assertRaisesRegex(ValueError, "alpha"):
+            losses.check_hparams("skl", alpha=1.5)
+        with self.assertRaises(ValueError):
+            losses.check_hparams("nope")

@@ -22,9 +22,9 @@ def batches(n, seed=0):
     return [{"tokens": rng.randint(0, V, (B, L + 1)).astype(np.int32)} for _ in range(n)]
 
 
-def run(mesh_shape, data, *, devices=None, accum_steps=1, loss_fn=steps.lm_loss):
+def run(mesh_shape, data, *, devices=None, accum_steps=1, loss_fn=steps.lm_loss, learning_rate=3e-3):
     mesh = sharding.make_mesh(mesh_shape, devices=devices)
-    tx = steps.make_optimizer(learning_rate=3e-3, warmup_steps=1, total_steps=10)
+    tx = steps.make_optimizer(learning_rate=learning_rate, warmup_steps=1, total_steps=10)
     graphdef, state, shardings = steps.init_train_state(
         lambda rngs: Transformer(CFG, rngs=rngs), tx, seed=0, mesh=mesh, rules=sharding.DEFAULT_RULES
     )
@@ -114,6 +114,44 @@ def test_nonfinite_step_is_skipped_and_named():
     with pytest.raises(FloatingPointError, match="step 2"):
         loop.check_finite([(i + 1, m) for i, m in enumerate(history)])
     loop.check_finite([(1, history[0])])  # a finite step passes
+
+
+def test_finite_loss_with_a_nonfinite_update_is_not_applied():
+    # lr 1e39 (the reproduction): the loss and the gradient are finite, the update is not (the rate
+    # itself overflows float32).  The step must leave the state as it was and say why.
+    data = batches(2, seed=4)
+    state, history, init = run({"data": 1}, data, devices=jax.devices()[:1], learning_rate=1e39)
+    m = steps.reduce_metrics(history[0])
+    assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["nonfinite"] == 1.0
+    assert int(state.step) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.params, init)
+    assert bool(steps.tree_all_finite(state.opt_state))
+    with pytest.raises(FloatingPointError, match="step 1: the update made the parameters"):
+        loop.check_finite([(1, history[0])])
+
+
+def test_nonfinite_optimizer_state_is_caught():
+    # An optimizer whose update leaves the parameters finite but its own state non-finite (e.g. a moment that
+    # overflowed): the guard covers the optimizer state too, so the step is not applied.
+    import optax
+
+    def init(params):
+        return {"moment": jax.tree.map(jnp.zeros_like, params)}
+
+    def update(grads, state, params=None):
+        del params
+        return jax.tree.map(jnp.zeros_like, grads), {"moment": jax.tree.map(lambda g: g + jnp.inf, grads)}
+
+    tx = optax.GradientTransformation(init, update)
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    graphdef, state, _ = steps.init_train_state(
+        lambda rngs: Transformer(CFG, rngs=rngs), tx, seed=0, mesh=mesh, rules=sharding.DEFAULT_RULES
+    )
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, loss_fn=steps.lm_loss))
+    new_state, metrics = step(state, batches(1)[0])
+    m = steps.reduce_metrics(metrics)
+    assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["nonfinite"] == 1.0
+    assert int(new_state.step) == 0 and bool(steps.tree_all_finite(new_state.opt_state))
 
 
 def test_make_mesh_and_rules():

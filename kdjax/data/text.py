@@ -41,6 +41,7 @@ def load_text_data(
     text_field="text",
     text_column="text",
     tokenizer_path=None,
+    tokenizer=None,
 ) -> TextData:
     """Loads or builds the tokenizer and the token streams of both splits.
 
@@ -56,6 +57,8 @@ def load_text_data(
       text_field: the JSONL field with the text ("a/b" for nested objects).
       text_column: the Parquet / Arrow column with the text.
       tokenizer_path: use this tokenizer.json (e.g. the teacher's) instead of training one.
+      tokenizer: use this Tokenizer object instead (e.g. a Hugging Face teacher's, whose EOS token the
+        tokenizer.json alone does not name); vocab_size must equal its size.
 
     Raises:
       ValueError: an unknown corpus, or bad input (nothing matches, a bad JSONL line, a missing or
@@ -72,11 +75,12 @@ def load_text_data(
     )
     cache = pathlib.Path(os.path.expanduser(cache_dir))
     cache.mkdir(parents=True, exist_ok=True)
-    if tokenizer_path:
-        tokenizer = Tokenizer.from_file(tokenizer_path)
+    if tokenizer is not None or tokenizer_path:
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_file(tokenizer_path)
         if tokenizer.vocab_size != vocab_size:
             raise ValueError(
-                f"tokenizer {tokenizer_path} has vocab size {tokenizer.vocab_size}, config says {vocab_size}"
+                f"tokenizer {tokenizer_path or tokenizer} has vocab size {tokenizer.vocab_size}, config says {vocab_size}"
             )
     else:
         tok_file = cache / f"tokenizer-{fingerprint[:12]}-v{vocab_size}.json"
