@@ -50,13 +50,24 @@ def expected_speedup(alpha, gamma, cost_ratio):
     return expected_block_efficiency(alpha, gamma) / (gamma * cost_ratio + 1.0)
 
 
+def _argmax(x_bv):
+    """jnp.argmax over the last axis (the first maximal index) as two plain reductions.
+
+    XLA on CPU runs argmax as one (value, index) variadic reduce that is several times slower than a max and
+    a min over [gamma + 1, V]; the greedy block computes several of these per target call.
+    """
+    v = x_bv.shape[-1]
+    first_max = jnp.min(jnp.where(x_bv == jnp.max(x_bv, axis=-1, keepdims=True), jnp.arange(v), v), axis=-1)
+    return jnp.minimum(first_max, v - 1)  # NaN rows (no maximum) would otherwise index past the vocabulary
+
+
 def sampling_probs(logits_bv, *, temperature=1.0, top_k=0, top_p=1.0):
     """The distribution a token is drawn from: softmax(filter_logits(logits)); one-hot argmax at temperature 0.
 
     The one rule for target and draft.  Shapes: [..., V] -> [..., V] float32.
     """
     if temperature == 0.0:
-        return jax.nn.one_hot(jnp.argmax(logits_bv, axis=-1), logits_bv.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(_argmax(logits_bv), logits_bv.shape[-1], dtype=jnp.float32)
     filtered = sampling.filter_logits(logits_bv, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.nn.softmax(filtered, axis=-1)
 
@@ -198,8 +209,9 @@ def active(state, prompt_len, opts):
 
 
 def _draw(keys_b, probs_bv, opts):
+    """One token per row from probs (its argmax when greedy: probs are then one-hot or a one-hot residual)."""
     if opts.temperature == 0.0:
-        return jnp.argmax(probs_bv, axis=-1)
+        return _argmax(probs_bv)
     return jax.vmap(jax.random.categorical)(keys_b, jnp.log(probs_bv))
 
 
@@ -208,6 +220,9 @@ def _propose(state, draft_keys_bg, draft_model, opts):
     dist = dict(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
 
     def draw(logits_bv, i):
+        if opts.temperature == 0.0:  # the token is the argmax; q is its one-hot
+            x_b = _argmax(logits_bv)
+            return x_b.astype(state.tokens_bl.dtype), jax.nn.one_hot(x_b, logits_bv.shape[-1], dtype=jnp.float32)
         q_bv = sampling_probs(logits_bv, **dist)
         return _draw(draft_keys_bg[:, i], q_bv, opts).astype(state.tokens_bl.dtype), q_bv
 
@@ -256,9 +271,13 @@ def block_step(state, keys_b, target_model, draft_model, prompt_len, opts):
     their writes land past their output, where `finalize` never reads.
     """
     g, length_b = opts.gamma, state.length_b
-    block_keys_b = jax.vmap(lambda k: jax.random.fold_in(k, state.target_calls))(keys_b)
-    split_bk = jax.vmap(lambda k: jax.random.split(k, g + 2))(block_keys_b)
-    uniforms_bg = jax.vmap(lambda k: jax.random.uniform(k, (g,)))(split_bk[:, g])
+    if opts.temperature == 0.0:
+        # Greedy needs no randomness: acceptance probabilities are 0 or 1, and u = 0 < 1 accepts, 0 < 0 not.
+        split_bk, uniforms_bg = jnp.zeros((length_b.shape[0], g + 2)), jnp.zeros((length_b.shape[0], g))
+    else:
+        block_keys_b = jax.vmap(lambda k: jax.random.fold_in(k, state.target_calls))(keys_b)
+        split_bk = jax.vmap(lambda k: jax.random.split(k, g + 2))(block_keys_b)
+        uniforms_bg = jax.vmap(lambda k: jax.random.uniform(k, (g,)))(split_bk[:, g])
     drafts_bg, q_bgv, draft_cache = _propose(state, split_bk[:, :g], draft_model, opts)
 
     last_b = jnp.take_along_axis(state.tokens_bl, (length_b - 1)[:, None], axis=1)
