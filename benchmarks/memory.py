@@ -76,7 +76,8 @@ def chunked_loss_fn(*, mode, loss, chunk_size, hparams=None, tail="bucket", teac
         teacher = None
         if loss != "ce" and mode == "online":
             t_model = nnx.merge(teacher_graphdef, frozen)
-            teacher = jax.lax.stop_gradient(fused_head.DenseTeacher(final_hidden(t_model, inputs), unembedding(t_model)))
+            teacher = fused_head.DenseTeacher(final_hidden(t_model, inputs), unembedding(t_model))
+            teacher = jax.lax.stop_gradient(teacher)
         elif loss != "ce":
             teacher = fused_head.TopkTeacher(batch["teacher_logprobs"], batch["teacher_ids"],
                                              batch.get("teacher_tail_logprob"))
@@ -235,6 +236,7 @@ def plot(r, path):
             chunked = kind != base
             ax.plot([row["vocab"] for row in rows], [row[kind]["peak"] / MIB for row in rows],
                     marker="osd"[UNFUSED.index(base)], linestyle="--" if chunked else "-",
+                    markerfacecolor="none" if chunked else None,
                     color=f"C{UNFUSED.index(base)}", label=labels[base] + (" (chunked)" if chunked else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -270,6 +272,11 @@ def _load():
     return os.getloadavg()[0]
 
 
+def _usable_cpus():
+    # The cores this process may run on (taskset / cgroup pinning), not the machine's count.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def time_steps(*, vocab=8192, seq_len=512, batch=8, layers=2, dim=256, k=64, chunk_size=1024, repeats=5, iters=3,
                pairs=UNFUSED):
     """Seconds per step of each unfused step and its chunked twin, timed in alternation (one repeat = `iters`
@@ -298,16 +305,17 @@ def time_steps(*, vocab=8192, seq_len=512, batch=8, layers=2, dim=256, k=64, chu
             seconds[kind].append((time.perf_counter() - start) / iters)
             runner[1] = state
     ratios = {base: [u / c for u, c in zip(seconds[base], seconds[f"{base}_chunked"])] for base in pairs}
-    return dict(seconds=seconds, ratios=ratios, first_loss=first_loss, vocab=vocab, seq_len=seq_len, batch=batch, layers=layers, dim=dim,
-                chunk_size=chunk_size, repeats=repeats, iters=iters, load=(load_before, _load()),
-                cpus=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""), backend=jax.default_backend())
+    return dict(seconds=seconds, ratios=ratios, first_loss=first_loss, vocab=vocab, seq_len=seq_len, batch=batch,
+                layers=layers, dim=dim, chunk_size=chunk_size, repeats=repeats, iters=iters,
+                load=(load_before, _load()), cpus=_usable_cpus(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                backend=jax.default_backend())
 
 
 def time_markdown(r):
     lines = [
         f"Throughput at V = {r['vocab']:,}, T = {r['seq_len']}, batch {r['batch']}, {r['layers']} layers x {r['dim']}, "
         f"chunk {r['chunk_size']} tokens; {r['repeats']} interleaved repeats of {r['iters']} steps on "
-        f"{r['backend']} ({r['cpus']} CPUs, XLA_FLAGS={r['xla_flags']!r}); 1-minute load average "
+        f"{r['backend']} ({r['cpus']} usable CPUs, XLA_FLAGS={r['xla_flags']!r}); 1-minute load average "
         f"{r['load'][0]:.1f} before, {r['load'][1]:.1f} after.",
         "",
         "| step | unfused s/step (median) | chunked s/step (median) | chunked / unfused throughput: median "

@@ -20,20 +20,23 @@ functions gives the [C, V] cotangent g of the logits, then ``dh = g @ w^T`` ([C,
 the incoming cotangent.  So the matmul FLOPs are those of the unfused path (1 forward, 2 backward), not
 the 4 of a rematerialised (`jax.checkpoint`) chunk.  Gradients flow to `h_btd` and `head.w` only: the
 teacher, the head's bias, the temperature, TAID's t and the two weights (which may be traced: distill's CE
-weight depends on the batch's mask counts) are constants (stop_gradient), as in every distillation step.  The `(sum, count)` pairs in `FusedLoss.ce` / `.kd` carry no gradient: differentiate
-`total` (set the weights to (1, 0) or (0, 1) for one term).
+weight depends on the batch's mask counts) are constants (stop_gradient), as in every distillation step.
+The `(sum, count)` pairs in `FusedLoss.ce` / `.kd` carry no gradient: differentiate `total` (set the weights
+to (1, 0) or (0, 1) for one term).  Outside differentiation (eval) the scan computes values only.
 
 Matmuls run in the inputs' dtype (bf16 hidden states and weights stay bf16 on the MXU) with float32
 accumulation (`preferred_element_type`); the logits' cotangent is cast to that dtype for the two backward
 matmuls, as the unfused path's bf16 logits would have it.  The logits are float32, not rounded to bf16 first,
 so in bf16 the fused values are slightly *more* accurate than the unfused path's.
 
-Peak memory of the loss (per device, whatever B*T is): one chunk's working set, about
-  student: logits, log-probabilities, their cotangent and the loss's autodiff residuals, ~6-10 [C, V] float32;
-  teacher (dense online KD): its logits and log-probabilities, ~2-3 [C, V] float32;
-  plus the float32 [D, V] weight-gradient accumulator and the [B*T, D] hidden-state gradient.
-At V = 128k, C = 256 one [C, V] float32 block is 128 MiB.  The vocabulary is never chunked: the divergences
-need every entry of both sides' softmax per token, and a [C, V] block per side is what the issue allows.
+Peak memory of the loss (per device, whatever B*T is): one chunk's working set plus the float32 weight-gradient
+accumulator (D x V) and the [B*T, D] hidden-state gradient.  XLA's CPU `memory_analysis()` of the loss's
+value-and-gradient at B*T = 4096, D = 256, V = 131072, C = 256 (one [C, V] float32 block = 128 MiB, and here the
+accumulator is the same size) counts temporaries of 3.0 blocks for CE, 2.0 for bucketed top-k JSD with a
+value-only CE, and 8.1 for online dense JSD (student and teacher logits, both log-softmaxes, the mixture,
+their cotangents); the unfused path holds several [B*T, V] arrays instead (16x a block each here).  The
+vocabulary is never chunked: the divergences need every entry of both sides' softmax per token, and a
+[C, V] block per side is what issue 18 allows.  Pick C so that ~8 blocks fit beside the model.
 
 -inf logits: a product h @ w is always finite, so a masked vocabulary enters through `Head.bias_v` (an
 additive [V] bias, e.g. -inf on the padding ids of a vocabulary rounded up to a multiple of 128); the
@@ -380,7 +383,7 @@ def fused_loss(h_btd, head, labels_bt, ce_mask_bt, *, chunk_size, teacher=None, 
       labels_bt: [B, T] int next-token ids (any filler at masked positions).
       ce_mask_bt: [B, T] bool / 0-1 / float weights of the CE term.
       chunk_size: tokens per chunk (a static int; need not divide B*T: the last chunk is padded with masked
-        rows).  Peak loss memory is ~10 [chunk_size, V] float32 blocks (student and teacher together).
+        rows).  Peak loss memory is ~3 (CE) to ~8 (dense divergence) [chunk_size, V] float32 blocks.
       teacher: None (loss="ce"), `DenseTeacher` (online) or `TopkTeacher` (offline store).  No gradient.
       kd_mask_bt: [B, T] mask of the divergence; defaults to ce_mask_bt.
       loss: "ce", "taid" or a name in `losses.LOSSES`.

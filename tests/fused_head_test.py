@@ -315,7 +315,8 @@ class MemoryTest(parameterized.TestCase):
         mask = jax.ShapeDtypeStruct((b, t), jnp.float32)
 
         def fused(h, w, ht, wt, labels, mask):
-            return fh.fused_loss(h, fh.Head(w), labels, mask, chunk_size=chunk, teacher=fh.DenseTeacher(ht, fh.Head(wt)),
+            teacher = fh.DenseTeacher(ht, fh.Head(wt))
+            return fh.fused_loss(h, fh.Head(w), labels, mask, chunk_size=chunk, teacher=teacher,
                                  loss="jsd", ce_weight=0.5, kd_weight=0.5).total
 
         def unfused(h, w, ht, wt, labels, mask):
