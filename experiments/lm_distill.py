@@ -50,7 +50,7 @@ def validate(config, overridden=()):
                     f"prompt_len must be in [1, data.seq_len={config.data.seq_len}), got {config.prompt_len}")
         if config.loss in losses.LOSSES:  # the loss's own hyperparameter checks, on a 1-token example
             hp = distill.divergence_hparams(config.loss, jsd_beta=config.jsd_beta, skew_alpha=config.skew_alpha)
-            p.run(losses.check_hparams, config.loss, temperature=config.temperature, **hp)
+            p.run(losses.check_hparams, config.loss, **hp)  # (temperature is checked above, once)
         if config.loss == "taid":
             p.run(losses.check_taid_schedule, **config.taid.to_dict())
         p.run(sharding.make_mesh, config.mesh)

@@ -93,7 +93,7 @@ def check_common(p: Problems, config):
     p.check(config.steps >= 1, f"steps must be >= 1, got {config.steps}")
     p.check(0 <= config.warmup_steps < max(config.steps, 1),
             f"warmup_steps={config.warmup_steps} must be in [0, steps={config.steps})")
-    p.check(0 < config.learning_rate < np.finfo(np.float32).max,
+    p.check(0 < config.learning_rate < float(np.finfo(np.float32).max),
             f"learning_rate must be a positive finite number, got {config.learning_rate}")
     for key in ("log_every", "eval_every", "checkpoint_every", "batch_size", "accum_steps"):
         p.check(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")

@@ -35,11 +35,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_schedule(*, learning_rate, warmup_steps, total_steps, end_fraction=0.1):
-    """Linear warm-up to `learning_rate`, then cosine decay to `end_fraction * learning_rate`."""
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
+    `end_fraction * learning_rate`; with warmup_steps = 0 the first step already uses `learning_rate`."""
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be in [0, steps={total_steps})")
+    # optax needs >= 1 warm-up step; starting that one step at the peak makes it no warm-up at all.
+    init = 0.0 if warmup_steps else learning_rate
     return optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(warmup_steps, 1), max(total_steps, 2), end_value=learning_rate * end_fraction
+        init, learning_rate, max(warmup_steps, 1), max(total_steps, 2), end_value=learning_rate * end_fraction
     )
 
 
@@ -219,9 +222,9 @@ def train_step(
     """
     objective_spec = as_objective(loss_fn)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    # prepare draws with the first microbatch's key: the losses draw nothing once the targets are built, and
-    # it keeps the sampling stream (and so on-policy runs) identical to when sampling lived in the loss.
-    prep_rng = jax.random.split(step_rng, accum_steps)[0]
+    # prepare's key does not depend on accum_steps (the targets must not); split(., 1)[0] is the key sampling
+    # used when it lived in the loss with one microbatch, so earlier on-policy runs are reproduced exactly.
+    prep_rng = jax.random.split(step_rng, 1)[0]
     prep_aux = {}
     if objective_spec.prepare is not None:
         model = nnx.merge(graphdef, jax.lax.stop_gradient(state.params))

@@ -1,7 +1,12 @@
 """lm_distill end to end on the :tiny config, and the properties of its objectives."""
 
+import functools
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +18,7 @@ from configs import lm_distill as distill_config
 from configs import lm_pretrain as pretrain_config
 from configs import precompute_teacher as precompute_config
 from experiments import lm_distill, lm_pretrain, precompute_teacher
-from kdjax import checkpoint, distill, losses, pretrained, run, sharding, teacher_store
+from kdjax import checkpoint, distill, losses, pretrained, run, sharding, steps, teacher_store
 from kdjax.data import text as text_data
 from kdjax.metrics import read_metrics
 
@@ -245,3 +250,170 @@ def test_on_policy_never_trains_ce_on_student_samples(teacher):
         jnp.ones((tokens.shape[0], prompt_len - 1)),
     )
     np.testing.assert_allclose(float(ce_sum), float(want), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reliability (issue #11): what a user gets wrong fails before anything is written, with the reason.
+
+
+def test_resuming_a_finished_run_with_another_loss_or_mode_is_refused(teacher, tmp_path):
+    config = distill_cfg(teacher, mode="offline", loss="fkl")
+    lm_distill.train(config, str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    other = distill_cfg(teacher, mode="online", loss="jsd")
+    with pytest.raises(run.ConfigError) as err:
+        lm_distill.train(other, str(tmp_path))
+    assert "loss: 'fkl' recorded, 'jsd' now" in str(err.value) and "mode: 'offline' recorded" in str(err.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_every_config_problem_is_named_before_anything_is_written(teacher, tmp_path):
+    config = distill_cfg(teacher, mode="online", loss="jsd", jsd_beta=1.0, temperature=-1.0, ce_alpha=1.5)
+    with pytest.raises(run.ConfigError) as err:
+        lm_distill.train(config, str(tmp_path / "a"))
+    message = str(err.value)
+    for expected in ("temperature must be > 0", "jsd with beta=1", "ce_alpha must be in [0, 1]"):
+        assert expected in message, message
+    config = distill_cfg(teacher, mode="seqkd", loss="ce", sample_temperature=-1.0)
+    with pytest.raises(run.ConfigError, match="sample_temperature must be >= 0"):
+        lm_distill.train(config, str(tmp_path / "b"))
+    config = distill_cfg(teacher, mode="offline", loss="fkl", store_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(run.ConfigError, match="does not exist"):
+        lm_distill.train(config, str(tmp_path / "c"))
+    assert not any((tmp_path / d).exists() for d in "abc")
+    # The export directory is checked before training, not after it.
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "notes.txt").write_text("mine")
+    config = distill_cfg(teacher, mode="online", loss="fkl", export_hf_dir=str(tmp_path / "export"))
+    with pytest.raises(run.ConfigError, match="export"):
+        lm_distill.train(config, str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists()
+
+
+def test_precompute_validates_before_writing_and_a_corrected_rerun_works(teacher, tmp_path):
+    pc = precompute_config.get_config("tiny")
+    pc.data = teacher["data"]
+    pc.teacher.workdir = teacher["workdir"]
+    pc.k = 0
+    with pytest.raises(run.ConfigError, match="k must be >= 1"):
+        precompute_teacher.precompute(pc, str(tmp_path))
+    pc.k = 10_000
+    with pytest.raises(run.ConfigError, match="exceeds the vocabulary"):
+        precompute_teacher.precompute(pc, str(tmp_path))
+    assert not (tmp_path / "store-train").exists()
+    pc.k, pc.split = 4, "validation"
+    assert precompute_teacher.precompute(pc, str(tmp_path))["k"] == 4
+
+
+def _precompute(teacher, root, *, teacher_workdir, max_files=MAX_FILES, split="train"):
+    pc = precompute_config.get_config("tiny")
+    pc.data = teacher["data"].copy_and_resolve_references()
+    pc.data.max_files, pc.split, pc.teacher.workdir = max_files, split, teacher_workdir
+    precompute_teacher.precompute(pc, str(root))
+    return str(root / f"store-{split}")
+
+
+def test_a_store_of_another_teacher_is_refused_when_the_teacher_is_configured(teacher, tmp_path):
+    # Same tokenizer, same data, another teacher (a random one).
+    store = _precompute(teacher, tmp_path / "s", teacher_workdir="")
+    config = distill_cfg(teacher, mode="offline", loss="fkl", store_dir=store)
+    with pytest.raises(teacher_store.StoreMismatchError, match="teacher_fingerprint"):
+        lm_distill.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # Without a teacher model the store alone is allowed, and its kept tokenizer defines the vocabulary.
+    config.teacher.workdir = ""
+    result = lm_distill.train(config, str(tmp_path / "alone"))
+    assert np.isfinite(result["val/ce"])
+    assert json.load(open(tmp_path / "alone" / "model_config.json"))["vocab_size"] == 512
+
+
+def test_a_store_over_other_data_or_another_tokenizer_is_refused(teacher, tmp_path):
+    # The teacher's tokenizer over 4 more files: the examples' ids now point at other texts.
+    store = _precompute(teacher, tmp_path / "s", teacher_workdir=teacher["workdir"], max_files=MAX_FILES + 4)
+    config = distill_cfg(teacher, mode="offline", loss="fkl", store_dir=store)
+    with pytest.raises(teacher_store.StoreMismatchError, match="dataset") as err:
+        lm_distill.train(config, str(tmp_path / "run"))
+    assert "num_examples" in str(err.value)
+    # A random teacher reads 8 more files with its own tokenizer: same vocabulary size, other ids.
+    store = _precompute(teacher, tmp_path / "t", teacher_workdir="", max_files=MAX_FILES + 8)
+    config = distill_cfg(teacher, mode="offline", loss="fkl", store_dir=store)
+    with pytest.raises(teacher_store.StoreMismatchError, match="tokenizer_fingerprint"):
+        lm_distill.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_on_policy_terms_are_each_weighted_over_their_own_mask(teacher):
+    # loss = a * CE_sum / C_ce + (1 - a) * KD_sum / C_kd on a batch of student samples (CE on the prompt's
+    # real labels only), and accumulating 2 microbatches gives the same gradient as 1.
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)
+    tokens = _one_batch(teacher)["tokens"]
+    objective = distill.make_loss_fn(
+        mode="on_policy", loss="fkl", on_policy_fraction=1.0, prompt_len=8, ce_alpha=0.3, teacher_graphdef=t.graphdef
+    )
+    total, count, aux = objective(t.model(), {"tokens": tokens}, jax.random.key(0), t.params, {})
+    (ce_sum, ce_count), (kd_sum, kd_count) = aux["ce"], aux["kd"]
+    assert float(ce_count) == tokens.shape[0] * 7 and float(count) == float(kd_count) > 0
+    np.testing.assert_allclose(
+        float(total / count), 0.3 * float(ce_sum / ce_count) + 0.7 * float(kd_sum / kd_count), rtol=1e-6
+    )
+    tx = steps.make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=t.params, opt_state=tx.init(t.params),
+                             rng=jax.random.key_data(jax.random.key(1)))
+    grads = {}
+    for accum in (1, 2):
+        step = jax.jit(functools.partial(steps.train_step, graphdef=t.graphdef, tx=tx, loss_fn=objective,
+                                         accum_steps=accum))
+        new_state, metrics = step(state, {"tokens": tokens}, t.params)
+        grads[accum] = (steps.reduce_metrics(metrics)["loss"], jax.tree.map(np.asarray, new_state.params))
+    np.testing.assert_allclose(grads[2][0], grads[1][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads[2][1], grads[1][1])
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(teacher, tmp_path):
+    steps_total = 8
+    args = [
+        f"--config.teacher.workdir={teacher['workdir']}",
+        f"--config.store_dir={teacher['store']}",
+        f"--config.data.cache_dir={teacher['cache']}",
+        f"--config.data.max_files={MAX_FILES}",
+        f"--config.steps={steps_total}",
+        "--config.checkpoint_every=2",
+        "--config.loss=jsd",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def launch(workdir, *extra):
+        cmd = [sys.executable, "-m", "experiments.lm_distill", "--config", "configs/lm_distill.py:tiny",
+               "--workdir", str(workdir), *args, *extra]
+        return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(proc):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        return out
+
+    finish(launch(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    proc = launch(killed, "--config.debug_sleep_per_step=0.5")
+    ckpts, deadline = killed / "checkpoints", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert done and done[-1] < steps_total
+    # The rerun may differ only in a key that changes nothing computed (the sleep).
+    out = finish(launch(killed, "--config.debug_sleep_per_step=0.0"))
+    assert f"resumed from step {done[-1]}" in out
+    want = pretrained.load_workdir(str(tmp_path / "whole"), mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                                   rules=sharding.DEFAULT_RULES)
+    got = pretrained.load_workdir(str(killed), mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                                  rules=sharding.DEFAULT_RULES)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
+    logged = [r["step"] for r in read_metrics(str(killed)) if "train/loss" in r]
+    assert logged == sorted(set(logged))
