@@ -294,6 +294,7 @@ class Scorer:
             return {
                 "sw": sample_metrics.sliced_wasserstein(x, self.test["x"], num_projections=e.sw_projections),
                 "sw_per_class": per_class,
+                "sw_worst_class": max(per_class.values()),
                 "own_class": sample_metrics.own_class_fraction(
                     x, labels, means=self.mixture.means, component_class=self.mixture.component_class),
             }
@@ -384,7 +385,7 @@ def results_markdown(config, record) -> str:
     rows, real = record["rows"], record["real_data"]
     image = "fd" in rows[0]
     cols = (["fd", "accuracy", "confidence", "precision", "recall", "diversity"] if image
-            else ["sw", "own_class"]) + ["rmse_to_teacher", "evals", "seconds_per_sample"]
+            else ["sw", "sw_worst_class", "own_class"]) + ["rmse_to_teacher", "evals", "seconds_per_sample"]
     lines = [f"# Guided distillation results ({config.teacher.data.name})", "",
              f"Command: `{record['command']}`", "",
              "Real data (train split vs test split, same metrics): "

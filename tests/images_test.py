@@ -204,3 +204,21 @@ def test_precision_recall_diversity_and_classifier_scores():
     probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
     scores = sm.classifier_scores(probs, np.array([0, 0, 1]))
     assert scores == {"accuracy": pytest.approx(1 / 3), "confidence": pytest.approx((0.7 + 0.4 + 0.1) / 3)}
+
+
+def test_chunked_source_covers_every_example_and_flattens():
+    src = images.digits_split("test")  # 360 examples
+    chunked = images.ChunkedSource(src, 32, seed=5)
+    assert len(chunked) == 12  # ceil(360 / 32): the last chunk wraps around, nothing is dropped
+    ids = np.concatenate([chunked[i]["example_id"] for i in range(len(chunked))])
+    assert sorted(set(ids.tolist())) == list(range(360)) and len(ids) == 384
+    el = chunked[3]
+    np.testing.assert_array_equal(el["x"], src.x[el["example_id"]])
+    np.testing.assert_array_equal(el["label"], src.labels[el["example_id"]])
+    batch = next(pipeline.train_iterator(pipeline.train_dataset(chunked, batch_size=4, seed=0)))
+    assert batch["x"].shape == (4, 32, 8, 8, 1)
+    flat = images.flatten_chunks(batch)
+    assert flat["x"].shape == (128, 8, 8, 1) and flat["label"].shape == (128,)
+    np.testing.assert_array_equal(flat["x"], src.x[flat["example_id"]])
+    with pytest.raises(ValueError, match="chunk"):
+        images.ChunkedSource(src, 0, seed=0)
