@@ -573,9 +573,19 @@ def test_tfds_documents_round_trip(tfds_dir, small_tokenizer):
     assert text == "".join(doc + EOS for doc in as_list)
 
 
-def test_tfds_documents_missing_dataset_does_not_download(tmp_path):
-    with pytest.raises(Exception, match="not found|kdjax_tiny_text"):
+def test_tfds_documents_missing_dataset_does_not_download(tmp_path, monkeypatch):
+    import socket
+
+    import tensorflow_datasets as tfds
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(tfds.core.DatasetNotFoundError, match="kdjax_tiny_text"):
         tfds_documents("kdjax_tiny_text", split="train", data_dir=tmp_path)
+    assert os.listdir(tmp_path) == []  # nothing fetched, nothing prepared
 
 
 def test_tfds_documents_with_mock_data(small_tokenizer):
