@@ -10,6 +10,12 @@ over exactly this data; record the config in W (a rerun must match it); build th
 the loss (`kdjax.distill`); train (`kdjax.run.fit`); plot; export to Hugging Face format if asked.
 Outputs as lm_pretrain's (config.json, checkpoints/, metrics.jsonl, tensorboard/, model_config.json,
 tokenizer.json), plus `W/curves.png`.  Rerunning the same command resumes, TAID's schedule state included.
+
+Hugging Face models: `--config.teacher.hf_path=DIR` (a teacher in HF format: config.json, *.safetensors,
+tokenizer.json), `--config.student.hf_path=DIR` (start the student from an HF checkpoint: its own
+architecture, so no --config.model.* with it), `--config.export_hf_dir=DIR` (write the trained student in HF
+format; the directory is checked before training).  The vocabulary comes from the teacher (or the store):
+leave --config.data.vocab_size at 0.
 """
 
 import os
@@ -313,7 +319,7 @@ def main(argv):
 
 if __name__ == "__main__":
     # Flags are defined only when run as a program, so tests and benchmarks can import several experiments.
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+    config_flags.DEFINE_config_file("config", None, cli.config_help("configs/lm_distill.py"))
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
     cli.check_config_overrides(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])

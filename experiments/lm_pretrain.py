@@ -92,7 +92,7 @@ def main(argv):
 
 if __name__ == "__main__":
     # Flags are defined only when run as a program, so tests and benchmarks can import several experiments.
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+    config_flags.DEFINE_config_file("config", None, cli.config_help("configs/lm_pretrain.py"))
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
     cli.check_config_overrides(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])

@@ -169,7 +169,7 @@ def main(argv):
 
 if __name__ == "__main__":
     # Flags are defined only when run as a program, so tests and benchmarks can import several experiments.
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (with :arg).")
+    config_flags.DEFINE_config_file("config", None, cli.config_help("configs/precompute_teacher.py"))
     flags.DEFINE_string("workdir", None, "The store goes to WORKDIR/store-<split>.")
     flags.DEFINE_bool("verify", False, "Check the store end to end instead of writing it.")
     cli.check_config_overrides(sys.argv)

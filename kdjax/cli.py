@@ -86,3 +86,20 @@ def run_main(job, config=None):
     except user_error_types() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def config_help(path: str, arg=None) -> str:
+    """Help text for an experiment's --config flag: every key of `path`'s config with its default, so that
+    `--help` shows what `--config.KEY=VALUE` can set."""
+    spec = importlib.util.spec_from_file_location("_kdjax_config_help", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    lines = [f"Path to a configs/*.py file (with :arg), default {path}. Keys (override with --config.KEY=VALUE):"]
+    for key in _config_keys(config):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if not hasattr(node, "items"):
+            lines.append(f"  {key} = {node!r}")
+    return "\n".join(lines)
