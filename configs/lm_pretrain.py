@@ -25,6 +25,7 @@ def get_config(arg=None):
     config.data.tfds_text_key = "text"
     config.data.tfds_data_dir = ""  # "" = TFDS' default data dir
     config.data.max_files = 0  # stdlib and local corpora: 0 = every file; >0 a deterministic subset of files
+    config.data.train_max_files = 0  # stdlib: >0 trains on a fixed subset of the train files (validation whole)
     config.data.val_fraction = 0.05
     config.data.vocab_size = 4096
     config.data.seq_len = 128

@@ -2,6 +2,7 @@
 
 import difflib
 import importlib.util
+import os
 import sys
 
 
@@ -103,3 +104,13 @@ def config_help(path: str, arg=None) -> str:
         if not hasattr(node, "items"):
             lines.append(f"  {key} = {node!r}")
     return "\n".join(lines)
+
+
+def enable_compilation_cache(path: str):
+    """JAX's persistent compilation cache in `path`: a program compiled once (e.g. by the first of several
+    seeds, or by an earlier run) is loaded instead of compiled again."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

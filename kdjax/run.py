@@ -156,6 +156,12 @@ def _allowed(key: str, allow: set) -> bool:
     )
 
 
+def trajectory_config(config) -> dict:
+    """The resolved config without the keys that do not change what a run computes (NON_TRAJECTORY_KEYS):
+    what identifies a run's result, e.g. to cache a teacher by."""
+    return {k: v for k, v in sorted(_flatten(resolved_config(config)).items()) if not _allowed(k, set())}
+
+
 def config_changes(recorded: dict, current: dict, allow=()) -> list[str]:
     """The trajectory-changing differences between two resolved configs, one line each (empty: none)."""
     a, b = _flatten(recorded), _flatten(current)

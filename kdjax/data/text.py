@@ -40,6 +40,7 @@ def load_text_data(
     tfds_data_dir="",
     text_field="text",
     text_column="text",
+    train_max_files=0,
     tokenizer_path=None,
     tokenizer=None,
 ) -> TextData:
@@ -56,6 +57,8 @@ def load_text_data(
       val_fraction: share of documents in validation (stdlib and local corpora; TFDS has its splits).
       text_field: the JSONL field with the text ("a/b" for nested objects).
       text_column: the Parquet / Arrow column with the text.
+      train_max_files: stdlib only: 0 = every train file; else the train split keeps a deterministic
+        subset of this many files (a limited transfer set) while validation stays whole.
       tokenizer_path: use this tokenizer.json (e.g. the teacher's) instead of training one.
       tokenizer: use this Tokenizer object instead (e.g. a Hugging Face teacher's, whose EOS token the
         tokenizer.json alone does not name); vocab_size must equal its size.
@@ -72,6 +75,7 @@ def load_text_data(
         tfds_data_dir=tfds_data_dir,
         text_field=text_field,
         text_column=text_column,
+        train_max_files=train_max_files,
     )
     cache = pathlib.Path(os.path.expanduser(cache_dir))
     cache.mkdir(parents=True, exist_ok=True)
@@ -97,18 +101,26 @@ def load_text_data(
     return TextData(tokenizer, sources["train"], sources["validation"], description, fingerprint)
 
 
-def _corpus(corpus_name, *, max_files, val_fraction, tfds_text_key, tfds_data_dir, text_field, text_column):
+def _corpus(corpus_name, *, max_files, val_fraction, tfds_text_key, tfds_data_dir, text_field, text_column,
+            train_max_files=0):
     """(documents(split) -> iterable of str, fingerprint hex, description) of a corpus name.
 
     Only cheap work happens here (listing files, hashing their bytes, reading schemas); documents
     are read when `documents` is called, i.e. only when a cache is missing.
     """
+    if train_max_files and corpus_name != "stdlib":
+        raise ValueError(f"train_max_files applies to the stdlib corpus, not {corpus_name!r}")
     if corpus_name == "stdlib":
         n = max_files or None
         files = {s: corpus.split_file_list(s, max_files=n, val_fraction=val_fraction) for s in corpus.SPLITS}
+        description = corpus.describe(max_files=n, val_fraction=val_fraction)
+        if train_max_files:
+            # A limited transfer set: a deterministic sample of the train files; validation stays whole.
+            files["train"] = corpus.subset_files(files["train"], max_files=train_max_files)
+            description += f"; training on a subset of {len(files['train'])} train files"
         fingerprint = corpus.files_fingerprint(files["train"] + files["validation"])
         documents = lambda split: corpus.read_files(files[split])
-        return documents, fingerprint, corpus.describe(max_files=n, val_fraction=val_fraction)
+        return documents, fingerprint, description
     if corpus_name.startswith("tfds:"):
         name = corpus_name[len("tfds:") :]
         data_dir = tfds_data_dir or None
@@ -151,6 +163,7 @@ def load_from_config(data_config, **overrides) -> TextData:
         tfds_data_dir=data_config.get("tfds_data_dir", ""),
         text_field=data_config.get("text_field", "text"),
         text_column=data_config.get("text_column", "text"),
+        train_max_files=data_config.get("train_max_files", 0),
     )
     kw.update(overrides)
     return load_text_data(**kw)
