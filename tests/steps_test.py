@@ -170,3 +170,13 @@ def test_make_mesh_and_rules():
     assert spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     with pytest.raises(ValueError, match="no sharding rule"):
         sharding.logical_to_spec(("embedding",), (32,), sharding.DEFAULT_RULES, mesh)
+
+
+def test_config_rules_are_the_library_defaults():
+    # configs/ cannot import kdjax (the config files are plain ml_collections), so the rules are written out
+    # twice; this keeps the two one definition.
+    from configs import lm_pretrain
+
+    rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                  for name, axes in lm_pretrain.get_config().sharding_rules)
+    assert rules == sharding.DEFAULT_RULES
