@@ -188,6 +188,48 @@ def batch_examples(config, local_batch, train_source, eval_source):
     return ({**train, **mask} if len(train) > 1 else train), {**with_store(eval_source), **mask}
 
 
+def make_objective(config, teacher, eos_id) -> steps.Objective:
+    """The step's objective for config.mode and config.loss (`kdjax.distill`), with the config's
+    hyper-parameters."""
+    return distill.make_loss_fn(
+        mode=config.mode,
+        loss=config.loss,
+        temperature=config.temperature,
+        ce_alpha=config.ce_alpha,
+        hparams=distill.divergence_hparams(config.loss, jsd_beta=config.jsd_beta, skew_alpha=config.skew_alpha),
+        tail=config.topk_tail,
+        teacher_graphdef=teacher.graphdef if teacher else None,
+        on_policy_fraction=config.on_policy_fraction,
+        prompt_len=config.prompt_len,
+        sample_temperature=config.sample_temperature,
+        eos_id=eos_id,
+    )
+
+
+def make_evaluator(config, spec, teacher, eval_source, eval_sh, teacher_sh, mesh):
+    """`run_eval(params) -> {"val/...": float}` over config.eval_batches held-out batches: the student's CE and
+    perplexity, and the teacher's side (KL, agreement, acceptance) from the teacher model or the store."""
+    eval_step = steps.jit_eval_step(
+        graphdef=spec.graphdef,
+        metrics_fn=distill.make_eval_fn(teacher_graphdef=teacher.graphdef if teacher else None),
+        params_shardings=spec.shardings.params,
+        batch_shardings=eval_sh,
+        mesh=mesh,
+        frozen_shardings=teacher_sh,
+    )
+
+    def run_eval(params):
+        m = loop.evaluate(eval_step, params, run.eval_batches(eval_source, config), eval_sh,
+                          frozen=teacher.params if teacher else None, max_batches=config.eval_batches)
+        result = {f"val/{k}": v for k, v in m.items()}
+        result["val/perplexity"] = float(np.exp(m["ce"]))
+        if "teacher_ce" in m:
+            result["val/teacher_perplexity"] = float(np.exp(m["teacher_ce"]))
+        return result
+
+    return run_eval
+
+
 def train(config, workdir: str, *, overridden=()) -> dict:
     """Runs (or resumes) one distillation job; returns the final validation metrics."""
     validate(config, overridden)
@@ -220,23 +262,10 @@ def train(config, workdir: str, *, overridden=()) -> dict:
     eval_sh = sharding.batch_shardings(eval_example, mesh, rules)
     teacher_sh = sharding.tree_shardings(teacher.params, rules, mesh) if teacher else None
     train_uses_teacher = distill.needs_teacher_model(config.mode, config.loss)
-    objective = distill.make_loss_fn(
-        mode=config.mode,
-        loss=config.loss,
-        temperature=config.temperature,
-        ce_alpha=config.ce_alpha,
-        hparams=distill.divergence_hparams(config.loss, jsd_beta=config.jsd_beta, skew_alpha=config.skew_alpha),
-        tail=config.topk_tail,
-        teacher_graphdef=teacher.graphdef if teacher else None,
-        on_policy_fraction=config.on_policy_fraction,
-        prompt_len=config.prompt_len,
-        sample_temperature=config.sample_temperature,
-        eos_id=data.tokenizer.eos_id,
-    )
     train_step = steps.jit_train_step(
         graphdef=spec.graphdef,
         tx=tx,
-        loss_fn=objective,
+        loss_fn=make_objective(config, teacher, data.tokenizer.eos_id),
         state_shardings=spec.shardings,
         batch_shardings=batch_sh,
         mesh=mesh,
@@ -244,24 +273,7 @@ def train(config, workdir: str, *, overridden=()) -> dict:
         accum_steps=config.accum_steps,
         extra_update=distill.make_taid_update(total_steps=config.steps, **config.taid.to_dict()) if taid else None,
     )
-    eval_step = steps.jit_eval_step(
-        graphdef=spec.graphdef,
-        metrics_fn=distill.make_eval_fn(teacher_graphdef=teacher.graphdef if teacher else None),
-        params_shardings=spec.shardings.params,
-        batch_shardings=eval_sh,
-        mesh=mesh,
-        frozen_shardings=teacher_sh,
-    )
-
-    def run_eval(params):
-        m = loop.evaluate(eval_step, params, run.eval_batches(eval_source, config), eval_sh,
-                          frozen=teacher.params if teacher else None, max_batches=config.eval_batches)
-        result = {f"val/{k}": v for k, v in m.items()}
-        result["val/perplexity"] = float(np.exp(m["ce"]))
-        if "teacher_ce" in m:
-            result["val/teacher_perplexity"] = float(np.exp(m["teacher_ce"]))
-        return result
-
+    run_eval = make_evaluator(config, spec, teacher, eval_source, eval_sh, teacher_sh, mesh)
     state, val = run.fit(
         workdir,
         config,
