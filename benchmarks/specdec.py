@@ -66,19 +66,19 @@ def timed(fns, *, repeats):
     return [min(ts) for ts in times], outs
 
 
-def verify_cost(model_pair, *, prompt_len, gamma, repeats):
-    """Time of one cached forward of gamma + 1 tokens over one of 1 token, both at position prompt_len."""
+def forward_cost(model_pair, *, tokens, position, repeats):
+    """Time of one cached forward of `tokens` tokens over one of 1 token, both at `position` (batch 1)."""
     graphdef, params = model_pair
 
     @functools.partial(jax.jit, static_argnums=0)
     def forward(t, params, cache):
         model = nnx.merge(graphdef, params)
-        index = jnp.full((1,), prompt_len, jnp.int32)
+        index = jnp.full((1,), position, jnp.int32)
         return model.forward_cached(jnp.zeros((1, t), jnp.int32), cache, index)[0]
 
-    cache = nnx.merge(graphdef, params).init_cache(1, 2 * prompt_len + gamma + 1)
+    cache = nnx.merge(graphdef, params).init_cache(1, 2 * position + tokens)
     (one, many), _ = timed(
-        [functools.partial(forward, 1, params, cache), functools.partial(forward, gamma + 1, params, cache)],
+        [functools.partial(forward, 1, params, cache), functools.partial(forward, tokens, params, cache)],
         repeats=4 * repeats,
     )
     return many / one
@@ -102,9 +102,11 @@ def run(*, vocab, target_layers, target_dim, draft_layers, draft_dim, prompt_len
 
     (t_target, t_draft), (ref, _) = timed([sample_fn(target), sample_fn(draft)], repeats=repeats)
     c = t_draft / t_target
+    cost = functools.partial(forward_cost, position=prompt_len + new_tokens // 2, repeats=repeats)
+    two = {"random draft": cost(draft, tokens=2), "draft = target copy": cost(target, tokens=2)}
     rows = []
     for gamma in gammas:
-        verify = verify_cost(target, prompt_len=prompt_len, gamma=gamma, repeats=repeats)
+        verify = cost(target, tokens=gamma + 1)
         sd = [
             functools.partial(
                 specdec.speculative_sample, target, pair, prompt, keys, max_new_tokens=new_tokens, gamma=gamma,
@@ -113,10 +115,13 @@ def run(*, vocab, target_layers, target_dim, draft_layers, draft_dim, prompt_len
             for pair in (draft, target)
         ]
         (t_ref, t_sd, t_copy), (_, out, out_copy) = timed([sample_fn(target)] + sd, repeats=repeats)
-        for name, t, o, cost in (("random draft", t_sd, out, c), ("draft = target copy", t_copy, out_copy, 1.0)):
+        for name, t, o, c_draft in (("random draft", t_sd, out, c), ("draft = target copy", t_copy, out_copy, 1.0)):
             calls = int(o["target_calls"])
             alpha = float(o["accepted_b"][0] / o["proposed_b"][0])
             tau = new_tokens / calls
+            # A block in target-token units: gamma - 1 one-token draft forwards, the draft's two-token
+            # catch-up forward, and the target's (gamma + 1)-token verification.
+            block = (gamma - 1) * c_draft + c_draft * two[name] + verify
             rows.append(
                 dict(
                     gamma=gamma,
@@ -125,18 +130,19 @@ def run(*, vocab, target_layers, target_dim, draft_layers, draft_dim, prompt_len
                     # differ only where two logits tie to within the rounding of a 1- vs (gamma+1)-token forward.
                     same=bool(np.array_equal(o["tokens"], ref["tokens"])),
                     verify=verify,
+                    draft_two=two[name],
                     alpha=alpha,
                     tau=tau,
                     ms_token=1e3 * t / new_tokens,
                     speedup=t_ref / t,
-                    predicted=tau / (gamma * cost + verify),
-                    expected=float(specdec.expected_speedup(alpha, gamma, cost)),
+                    predicted=tau / block,
+                    expected=float(specdec.expected_speedup(alpha, gamma, c_draft)),
                     ms_block=1e3 * t / calls,
                     # A block's cost does not depend on what is accepted (static shapes): at alpha = 1 it
                     # would yield gamma + 1 tokens for the same time.
                     ceiling=(gamma + 1) * (t_ref / new_tokens) / (t / calls),
-                    predicted_ceiling=(gamma + 1) / (gamma * cost + verify),
-                    expected_ceiling=float(specdec.expected_speedup(1.0, gamma, cost)),
+                    predicted_ceiling=(gamma + 1) / block,
+                    expected_ceiling=float(specdec.expected_speedup(1.0, gamma, c_draft)),
                 )
             )
     return dict(n_target=n_target, n_draft=n_draft, ms_target=1e3 * t_target / new_tokens,
@@ -151,19 +157,21 @@ def markdown(r, *, new_tokens, repeats):
         "at the end.",
         "",
         f"target-only `sample`: **{r['ms_target']:.2f} ms/token**; draft-only: {r['ms_draft']:.3f} ms/token; "
-        f"cost ratio c = {r['c']:.3f}.  v = one target forward of gamma + 1 tokens / one of 1 token.  "
-        "speed-up = target-only time (measured in the same round-robin) / SD time.  Leviathan's "
-        "expected_speedup = tau / (gamma c + 1) assumes v = 1; tau / (gamma c + v) uses the measured v.  "
-        "Ceiling: (gamma + 1) tokens per measured block time, i.e. the speed-up this code would give at alpha = 1.",
+        f"cost ratio c = {r['c']:.3f}.  v = one target forward of gamma + 1 tokens / one of 1 token; d2 = one "
+        "draft forward of 2 tokens / one of 1.  speed-up = target-only time (measured in the same round-robin) / "
+        "SD time.  Leviathan's expected_speedup = tau / (gamma c + 1) takes v = d2 = 1; the cost model "
+        "tau / ((gamma - 1) c + c d2 + v) uses the measured ones, so speed-up / model is what the loop itself "
+        "loses.  Ceiling: gamma + 1 tokens per measured block time, the speed-up this code gives at alpha = 1.",
         "",
-        "| gamma | draft | v | alpha_hat | tau_hat | SD ms/token | **speed-up** | tau/(gamma c+v) | "
-        "expected_speedup | ms/block | ceiling at alpha=1 | (gamma+1)/(gamma c+v) | expected_speedup(1) | "
+        "| gamma | draft | v | d2 | alpha_hat | tau_hat | SD ms/token | **speed-up** | cost model | "
+        "expected_speedup | ms/block | ceiling at alpha=1 | its cost model | expected_speedup(1) | "
         "same tokens |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in r["rows"]:
         lines.append(
-            f"| {row['gamma']} | {row['draft']} | {row['verify']:.2f} | {row['alpha']:.3f} | {row['tau']:.2f} | "
+            f"| {row['gamma']} | {row['draft']} | {row['verify']:.2f} | {row['draft_two']:.2f} | {row['alpha']:.3f} | "
+            f"{row['tau']:.2f} | "
             f"{row['ms_token']:.2f} | **{row['speedup']:.2f}x** | {row['predicted']:.2f}x | {row['expected']:.2f}x | "
             f"{row['ms_block']:.2f} | {row['ceiling']:.2f}x | {row['predicted_ceiling']:.2f}x | "
             f"{row['expected_ceiling']:.2f}x | {'yes' if row['same'] else 'no'} |"

@@ -85,6 +85,19 @@ def test_sample_edge_lengths():
     np.testing.assert_array_equal(out["tokens"][:, 1], first)
 
 
+def test_sample_feeds_back_only_the_first_n_minus_1_tokens():
+    """N tokens need the prefill and N - 1 single-token forwards: the decode loop runs N - 1 times."""
+    model = make_model()
+    graphdef, params = nnx.split(model)
+    prompt = np.zeros((2, 3), np.int32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    for fn, n in ((sampling.sample, 5), (functools.partial(sampling.sample_cfg, guidance=2.0), 4)):
+        args = (params, prompt, prompt[:, :1], keys) if n == 4 else (params, prompt, keys)
+        jaxpr = jax.make_jaxpr(functools.partial(fn, graphdef, max_new_tokens=n))(*args)
+        loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("scan", "while")]
+        assert [e.params.get("length") for e in loops] == [n - 1]
+
+
 def _cfg_fn(graphdef, **options):
     return jax.jit(functools.partial(sampling.sample_cfg, graphdef, **options))
 

@@ -415,3 +415,14 @@ def test_bad_input_is_refused_by_name():
         specdec.speculative_sample(target, draft, prompt, keys, max_new_tokens=22, gamma=2)
     with pytest.raises(ValueError, match="keys"):
         specdec.speculative_sample(target, draft, prompt, keys[:1], max_new_tokens=4, gamma=2)
+
+
+def test_benchmark_runs_at_a_tiny_size():
+    """The CLI's measurement path end to end (no timing is asserted: only that it measures what it says)."""
+    from benchmarks import specdec as bench  # pylint: disable=g-import-not-at-top
+
+    r = bench.run(vocab=64, target_layers=1, target_dim=64, draft_layers=1, draft_dim=32, prompt_len=3,
+                  new_tokens=6, gammas=[2], repeats=1)
+    copy = [row for row in r["rows"] if row["draft"] == "draft = target copy"][0]
+    assert copy["alpha"] == 1.0 and copy["tau"] == 6 / 2 and all(row["same"] for row in r["rows"])
+    assert "| 2 | random draft |" in bench.markdown(r, new_tokens=6, repeats=1)
