@@ -589,8 +589,11 @@ def plan_store_writes(path, identity, *, tokenizer_json=None, process_index=0, p
     os.makedirs(os.path.join(path, "shards"), exist_ok=True)
     if tokenizer_json is not None:
         tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-        kept = open(tokenizer_path, encoding="utf-8").read() if os.path.exists(tokenizer_path) else None
-        if kept != tokenizer_json:  # same fingerprint (identity checked), so only a torn/missing file
+        kept = None
+        if os.path.exists(tokenizer_path):
+            with open(tokenizer_path, encoding="utf-8") as f:
+                kept = f.read()
+        if kept != tokenizer_json:  # the identity's fingerprint matched: only a missing or damaged file
             write_atomically(tokenizer_path, tokenizer_json.encode("utf-8"))
     if not os.path.exists(config_path):
         write_json_atomically(config_path, identity)

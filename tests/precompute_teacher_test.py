@@ -32,6 +32,7 @@ def written(tmp_path_factory):
 
 
 def _random_teacher(config, vocab_size, seed):
+    # `seed`: an int or a jax.random.key (nnx.Rngs(n) uses jax.random.key(n)).
     """The :tiny config's random teacher, built here eagerly on one device (precompute builds it jitted and
     sharded FSDP-style over 8 devices): an independent route to the same parameters."""
     model_cfg = TransformerConfig.from_dict(
@@ -69,9 +70,8 @@ def test_teacher_fingerprint_and_provenance(written):
     vocab = data.tokenizer.vocab_size
     # The same jitted initialisation as precompute's, but on one device, not sharded over a 4 x 2 mesh and
     # gathered. (Eager initialisation rounds some weights 1 ulp differently from the jitted one.)
-    fingerprint = lambda seed: teacher_store.params_fingerprint(
-        jax.jit(lambda: nnx.split(_random_teacher(config, vocab, seed), nnx.Param)[1])()
-    )
+    init = jax.jit(lambda key: nnx.split(_random_teacher(config, vocab, key), nnx.Param)[1])  # one compile
+    fingerprint = lambda seed: teacher_store.params_fingerprint(init(jax.random.key(seed)))
     # Two routes to the same teacher agree bit for bit.
     assert manifest["teacher_fingerprint"] == fingerprint(config.seed)
     run = dict(
