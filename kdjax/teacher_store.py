@@ -60,7 +60,7 @@ import os
 import shutil
 import threading
 import uuid
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,14 @@ import numpy as np
 import tensorstore as ts
 import tqdm
 
-from kdjax.hostio import fsync_dir, read_json, to_host, write_atomically, write_json_atomically
+from kdjax.hostio import (
+    fsync_dir,
+    hash_directory,
+    read_json,
+    to_host,
+    write_atomically,
+    write_json_atomically,
+)
 
 FORMAT_VERSION = 2
 LAYOUT = "zarr3+sharding_indexed+crc32c, one zarr group per shard of examples"
@@ -433,16 +440,7 @@ def _shard_files(shard_dir):
 
 def _hash_shard(shard_dir):
     """(sha256 over every file's relative path, size and bytes, {relative path: size})."""
-    h = hashlib.sha256()
-    sizes = {}
-    for rel in _shard_files(shard_dir):
-        full = os.path.join(shard_dir, rel)
-        sizes[rel] = os.path.getsize(full)
-        h.update(f"{rel}|{sizes[rel]}\n".encode())
-        with open(full, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest(), sizes
+    return hash_directory(shard_dir)
 
 
 def _zarr_spec(path, shape, dtype):
