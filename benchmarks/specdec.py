@@ -1,15 +1,18 @@
 """Speculative decoding vs target-only sampling: ms per token, draft cost ratio, verification cost, speed-up.
 
-  .venv/bin/python -m benchmarks.specdec [--target_layers 8 --target_dim 512] [--gammas 1,3,5] [--new_tokens 128] [--repeats 3]
+  .venv/bin/python -m benchmarks.specdec [--target_layers 8 --target_dim 512] [--gammas 1,3,5]
+      [--new_tokens 128] [--repeats 3]
 
 Batch 1, greedy, random weights (cost does not depend on what the weights say, only acceptance does), the
 models built the way a real pair is sized: a ~35M-parameter target and a ~2.6M draft sharing V = 8192.
 Measured, each as the best of `--repeats` round-robin calls after a compile-and-warm-up call:
   - target-only `sampling.sample` and draft-only `sample`: ms per generated token; c = draft / target;
-  - v: one target forward of gamma + 1 tokens vs one of 1 token, at position prompt_len (verification cost);
-  - `speculative_sample` with the random draft (alpha_hat = accepted / proposed, tau_hat = tokens / target
-    calls; measured speed-up vs `expected_speedup(alpha_hat, gamma, c)` and vs tau_hat / (gamma c + v));
-  - the same with draft = a copy of the target (alpha = 1, c = 1: expected 1.0x; what it misses is overhead);
+  - v: one target forward of gamma + 1 tokens / one of 1 token (the verification cost), and d2: one draft
+    forward of 2 tokens / one of 1 (the draft's catch-up call), both half way through the generation;
+  - `speculative_sample` with the random draft: alpha_hat = accepted / proposed, tau_hat = tokens / target
+    calls, the measured speed-up vs `expected_speedup(alpha_hat, gamma, c)` (which takes v = d2 = 1) and vs
+    the cost model tau_hat / ((gamma - 1) c + c d2 + v) (what the loop's own overhead is measured against);
+  - the same with draft = a copy of the target (alpha = 1, c = 1: expected 1.0x);
   - the ceiling with the small draft: a block's time does not depend on what is accepted (static shapes), so
     (gamma + 1) * target ms/token / (ms per block) is the speed-up at alpha = 1, vs expected_speedup(1, gamma, c).
 Prints a markdown table; the machine's load is printed with it because the numbers move with it.

@@ -183,7 +183,8 @@ def test_enumerated_output_distribution_is_the_targets(case):
 
 @pytest.mark.parametrize("lenience", [1.0, 0.5, 0.2])
 def test_lossy_enumeration_matches_the_one_step_formula(lenience):
-    """eps = 1 is exact; eps < 1 moves the first token to min(q, p/eps) + (1 - sum min(q, p/eps)) norm(max(0, p - q))."""
+    """eps = 1 is exact; eps < 1 moves the first token to
+    min(q, p/eps) + (1 - sum min(q, p/eps)) norm(max(0, p - q))."""
     P, Q = tables(np.array([3, 1]), 2, 2)
     got = sequence_distribution(P, Q, 2, gamma=2, lenience=lenience).reshape(V, V).sum(axis=1)
     p, q = P(()), Q(())
