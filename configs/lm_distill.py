@@ -22,6 +22,9 @@ def get_config(arg=None):
     config.jsd_beta = 0.5
     config.skew_alpha = 0.1
     config.topk_tail = "bucket"  # offline top-k: "bucket" (tail mass kept) or "renormalize"
+    # > 0: the LM head and every loss are computed chunk by chunk over this many tokens (kdjax.fused_head), so
+    # no [B, T, V] logits exist (real vocabularies); 0: the plain path.  Same values and gradients.
+    config.loss_chunk_size = 0
 
     # The vocabulary is the teacher's (or the store's, or a pretrained student's): 0 takes it from there; any
     # other value must equal it.  Only the CE-only baseline without any teacher needs a number here.

@@ -50,6 +50,7 @@ def validate(config, overridden=()):
         p.check(0 <= config.ce_alpha <= 1, f"ce_alpha must be in [0, 1], got {config.ce_alpha}")
         p.check(0 <= config.on_policy_fraction <= 1,
                 f"on_policy_fraction must be in [0, 1], got {config.on_policy_fraction}")
+        p.check(config.loss_chunk_size >= 0, f"loss_chunk_size must be >= 0, got {config.loss_chunk_size}")
         p.check(config.topk_tail in losses.TAILS, f"topk_tail must be one of {losses.TAILS}, got {config.topk_tail!r}")
         if config.mode in ("on_policy", "seqkd"):
             p.check(1 <= config.prompt_len < config.data.seq_len,
@@ -203,6 +204,7 @@ def make_objective(config, teacher, eos_id) -> steps.Objective:
         prompt_len=config.prompt_len,
         sample_temperature=config.sample_temperature,
         eos_id=eos_id,
+        chunk_size=config.loss_chunk_size,
     )
 
 
@@ -211,7 +213,8 @@ def make_evaluator(config, spec, teacher, eval_source, eval_sh, teacher_sh, mesh
     perplexity, and the teacher's side (KL, agreement, acceptance) from the teacher model or the store."""
     eval_step = steps.jit_eval_step(
         graphdef=spec.graphdef,
-        metrics_fn=distill.make_eval_fn(teacher_graphdef=teacher.graphdef if teacher else None),
+        metrics_fn=distill.make_eval_fn(teacher_graphdef=teacher.graphdef if teacher else None,
+                                        chunk_size=config.loss_chunk_size),
         params_shardings=spec.shardings.params,
         batch_shardings=eval_sh,
         mesh=mesh,

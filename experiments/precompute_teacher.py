@@ -3,8 +3,9 @@
   python -m experiments.precompute_teacher --config configs/precompute_teacher.py --workdir W [--verify]
 
 The store goes to W/store-<split>/.  Rerunning the same command after a crash (or a SIGKILL) writes only
-the shards that are missing; a finished store is never rewritten.  `--verify` checks a whole store end to
-end (checksums, every example exactly once, shapes, ranges) and exits non-zero if anything is wrong.
+the shards that are missing; a finished store is never rewritten.  `--verify` checks every store under W (or the
+split named with --config.split) end to end (checksums, every example exactly once, shapes, ranges, the kept
+tokenizer) and exits non-zero if anything is wrong.
 Several processes (jax.distributed) each write the shards they own, with the teacher on their own devices.
 """
 
@@ -141,24 +142,27 @@ def precompute(config, workdir: str) -> dict:
     return manifest
 
 
-def verify(workdir, config) -> bool:
-    """Checks the store of config.split end to end; prints a report; returns whether it is sound."""
-    path = store_path(workdir, config)
-    report = teacher_store.verify_store(path)
-    print(
-        f"{path}: {'OK' if report['ok'] else 'FAILED'}; {report.get('num_examples')} examples in "
-        f"{report.get('num_shards')} shards, {report.get('bytes_per_token')} bytes/token"
-    )
-    for problem in report["problems"]:
-        print(f"  problem: {problem}")
-    return report["ok"]
+def verify(workdir, split=None) -> bool:
+    """Checks every store under `workdir` (or only `split`'s) end to end; prints a report per store; returns
+    whether all are sound."""
+    reports = teacher_store.verify_stores(workdir, split=split)
+    for path, report in reports.items():
+        print(
+            f"{path}: {'OK' if report['ok'] else 'FAILED'}; {report.get('num_examples')} examples in "
+            f"{report.get('num_shards')} shards, {report.get('bytes_per_token')} bytes/token"
+        )
+        for problem in report["problems"]:
+            print(f"  problem: {problem}")
+    return all(report["ok"] for report in reports.values())
 
 
 def main(argv):
     del argv
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if flags.FLAGS.verify:
-        sys.exit(0 if cli.run_main(lambda: verify(workdir, config), config) else 1)
+        # Every split under the work directory, unless --config.split names one.
+        split = config.split if "split" in cli.overridden_keys(sys.argv) else None
+        sys.exit(0 if cli.run_main(lambda: verify(workdir, split), config) else 1)
     manifest = cli.run_main(lambda: precompute(config, workdir), config)
     if manifest:
         print(

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import losses, steps
+from kdjax import fused_head, losses, steps
 from kdjax.models import sampling
 
 STORE_FIELDS = ("teacher_logprobs", "teacher_ids", "teacher_tail_logprob")
@@ -54,6 +54,7 @@ class KDSpec:
     prompt_len: int = 16
     sample_temperature: float = 1.0
     eos_id: Optional[int] = None
+    chunk_size: int = 0  # > 0: the fused chunked head (kdjax.fused_head); no [B, T, V] logits are built
 
 
 class Mode(NamedTuple):
@@ -195,6 +196,8 @@ def objective_loss(model, batch, rng, frozen, extra, *, spec: KDSpec):
     """ce_alpha * CE over ce_mask + (1 - ce_alpha) * divergence over kd_mask, each token-weighted (see the
     module docstring); aux: `ce` and `kd` as (sum, count)."""
     del rng
+    if spec.chunk_size:
+        return _fused_objective_loss(model, batch, frozen, extra, spec)
     tokens = batch["tokens"]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     student_logits = model(inputs)
@@ -213,6 +216,40 @@ def objective_loss(model, batch, rng, frozen, extra, *, spec: KDSpec):
     return spec.ce_alpha * ce_sum * ce_scale + (1.0 - spec.ce_alpha) * kd_sum, kd_count, aux
 
 
+def _head(model):
+    w, layout = model.unembedding()
+    return fused_head.Head(w, layout=layout)
+
+
+def _fused_teacher(batch, frozen, spec, inputs):
+    """The teacher signal for the fused head: the store's entries, or the teacher's final hidden states and
+    unembedding (no [B, T, V] teacher logits either)."""
+    if MODES[spec.mode].signal == "store":
+        return fused_head.TopkTeacher(batch["teacher_logprobs"], batch["teacher_ids"],
+                                      batch.get("teacher_tail_logprob"), batch.get("teacher_label_logprob"))
+    teacher = nnx.merge(spec.teacher_graphdef, frozen)
+    return jax.lax.stop_gradient(fused_head.DenseTeacher(teacher.final_hidden(inputs), _head(teacher)))
+
+
+def _fused_objective_loss(model, batch, frozen, extra, spec):
+    """`objective_loss` through `kdjax.fused_head`: the same (sum, count) and aux, chunk by chunk."""
+    tokens = batch["tokens"]
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    h = model.final_hidden(inputs)
+    if spec.loss == "ce":
+        out = fused_head.fused_loss(h, _head(model), labels, batch["ce_mask"], chunk_size=spec.chunk_size)
+        return out.total, out.ce[1], {"ce": out.ce}
+    ce_weight = 0.0 if spec.ce_alpha == 0 else spec.ce_alpha * batch["ce_scale"][0]
+    out = fused_head.fused_loss(
+        h, _head(model), labels, batch["ce_mask"], chunk_size=spec.chunk_size,
+        teacher=_fused_teacher(batch, frozen, spec, inputs), kd_mask_bt=batch["kd_mask"], loss=spec.loss,
+        hparams=dict(spec.hparams), temperature=spec.temperature,
+        taid_t=extra["taid"].t if spec.loss == "taid" else None, tail=spec.tail,
+        ce_weight=ce_weight, kd_weight=1.0 - spec.ce_alpha,
+    )
+    return out.total, out.kd[1], {"ce": out.ce, "kd": out.kd}
+
+
 def make_loss_fn(
     *,
     mode,
@@ -226,6 +263,7 @@ def make_loss_fn(
     prompt_len=16,
     sample_temperature=1.0,
     eos_id=None,
+    chunk_size=0,
 ) -> steps.Objective:
     """The step's objective for `mode` and `loss`: `MODES[mode].build` as its `prepare`, `objective_loss` as
     its `loss`.  Calling it, `fn(model, batch, rng, frozen, extra) -> (sum, count, aux)`, runs both on one
@@ -234,6 +272,8 @@ def make_loss_fn(
     batch: `tokens` [B, T+1] (+ `mask` [B, T]); offline adds `teacher_ids`, `teacher_logprobs` [B, T, k]
     and `teacher_tail_logprob` [B, T].  frozen: the teacher's params (online / on_policy / seqkd).
     aux: `ce`, `kd` and, on_policy, `on_policy` (the fraction of batches that used student samples).
+    chunk_size > 0 computes the head and the losses chunk by chunk over tokens (`kdjax.fused_head`): the same
+    values and gradients, without any [B, T, V] array of the student or the teacher.
     """
     check_loss(mode, loss)
     if not 0.0 <= ce_alpha <= 1.0:
@@ -250,6 +290,7 @@ def make_loss_fn(
         prompt_len=prompt_len,
         sample_temperature=sample_temperature,
         eos_id=eos_id,
+        chunk_size=chunk_size,
     )
     build = MODES[mode].build
     return steps.Objective(
@@ -270,19 +311,21 @@ def make_taid_update(*, total_steps, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.
     return update
 
 
-def make_eval_fn(*, teacher_graphdef=None):
+def make_eval_fn(*, teacher_graphdef=None, chunk_size=0):
     """`metrics_fn(model, batch, frozen)` for evaluation on held-out data, all (sum, count) at T = 1.
 
     With the teacher's params in `frozen`: `kl` = KL(teacher || student) (dense), `teacher_ce`, `top1_agreement`
     and `acceptance` = sum min(p, q).  Without a teacher but with a store batch: `teacher_ce` from the stored
     label log-probs (exact), `top1_agreement` (the stored top-1 id is exact) and `kl_topk`, the bucketed
-    top-k estimate of the KL.  Always: the student's `ce`.
+    top-k estimate of the KL.  Always: the student's `ce`.  chunk_size > 0: the same through the fused head.
     """
 
     def fn(model, batch, frozen):
         tokens = batch["tokens"]
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
+        if chunk_size:
+            return _fused_eval(model, batch, frozen, inputs, labels, mask)
         student = model(inputs)
         out = {"ce": losses.cross_entropy(student, labels, mask)}
         if frozen is not None:
@@ -305,5 +348,16 @@ def make_eval_fn(*, teacher_graphdef=None):
                 teacher_tail_logprob_bt=batch["teacher_tail_logprob"],
             )
         return out
+
+    def _fused_eval(model, batch, frozen, inputs, labels, mask):
+        teacher = None
+        if frozen is not None:
+            t = nnx.merge(teacher_graphdef, frozen)
+            teacher = fused_head.DenseTeacher(t.final_hidden(inputs), _head(t))
+        elif "teacher_ids" in batch:
+            teacher = fused_head.TopkTeacher(batch["teacher_logprobs"], batch["teacher_ids"],
+                                             batch["teacher_tail_logprob"], batch["teacher_label_logprob"])
+        return fused_head.fused_metrics(model.final_hidden(inputs), _head(model), labels, mask,
+                                        chunk_size=chunk_size, teacher=teacher)
 
     return fn

@@ -316,6 +316,11 @@ def fit(
             debug_sleep_per_step=config.get("debug_sleep_per_step", 0.0),
         )
     finally:
+        # Stop the input pipeline's threads first (a failing read must not leave them racing the shutdown),
+        # then let every checkpoint in flight finish: no orbax temporary directory is left behind.
+        close = getattr(data_iter, "close", None)
+        if close is not None:
+            close()
         ckpt.close()
         if writer is not None:
             writer.close()

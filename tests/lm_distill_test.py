@@ -417,3 +417,73 @@ def test_sigkill_then_rerun_equals_uninterrupted(teacher, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise
     logged = [r["step"] for r in read_metrics(str(killed)) if "train/loss" in r]
     assert logged == sorted(set(logged))
+
+
+@pytest.mark.parametrize(
+    "mode,loss,ce_alpha",
+    [("offline", "jsd", 0.5), ("offline", "taid", 0.0), ("online", "rkl", 0.3), ("on_policy", "fkl", 0.5),
+     ("offline", "ce", 0.0)],
+)
+def test_fused_chunked_head_equals_the_plain_path(teacher, mode, loss, ce_alpha):
+    # loss_chunk_size > 0 routes every mode through kdjax.fused_head: same (sum, count), aux and gradients,
+    # with a chunk (7 tokens) that does not divide B * T.
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    t = pretrained.load_workdir(teacher["workdir"], mesh=mesh, rules=sharding.DEFAULT_RULES)
+    perturb = lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape))
+    student_params = jax.tree.map(perturb, t.params)
+    batch = _one_batch(teacher)
+    if mode != "offline":
+        batch = {"tokens": batch["tokens"]}
+    extra = {"taid": losses.taid_init(losses.TaidSchedule(t_start=0.3))}
+    outs = []
+    for chunk in (0, 7):
+        objective = distill.make_loss_fn(
+            mode=mode, loss=loss, ce_alpha=ce_alpha, hparams=distill.divergence_hparams(loss), temperature=2.0,
+            teacher_graphdef=t.graphdef, on_policy_fraction=1.0, prompt_len=8, chunk_size=chunk,
+        )
+
+        def value(params, objective=objective):
+            total, count, aux = objective(nnx.merge(t.graphdef, params), batch, jax.random.key(0), t.params, extra)
+            return total / count, (count, aux)
+
+        (v, (count, aux)), grads = jax.jit(jax.value_and_grad(value, has_aux=True))(student_params)
+        outs.append((v, count, aux, grads))
+    (v0, c0, a0, g0), (v1, c1, a1, g1) = outs
+    assert float(c0) == float(c1) > 0
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5), a1, a0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)
+    # Evaluation through the fused head gives the same metrics.
+    for frozen in (t.params, None):
+        m0, m1 = (jax.jit(distill.make_eval_fn(teacher_graphdef=t.graphdef, chunk_size=c))(
+            nnx.merge(t.graphdef, student_params), _one_batch(teacher), frozen) for c in (0, 5))
+        assert set(m0) == set(m1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5), m1, m0)
+
+
+def test_a_corrupt_store_is_one_clear_error_and_verify_names_it(teacher, tmp_path):
+    import shutil
+
+    root = tmp_path / "stores"
+    shutil.copytree(os.path.dirname(teacher["store"]), root)
+    shard = sorted((root / "store-train" / "shards").glob("0000[0-9]"))[-1]
+    victim = sorted(p for p in shard.rglob("*") if p.is_file() and p.stat().st_size > 64)[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    cli = [sys.executable, "-m", "experiments.precompute_teacher", "--config", "configs/precompute_teacher.py:tiny",
+           "--workdir", str(root), "--verify"]
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cli, cwd=root_dir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "store-validation: OK" in proc.stdout and "store-train: FAILED" in proc.stdout  # every split checked
+    run_cmd = [sys.executable, "-m", "experiments.lm_distill", "--config", "configs/lm_distill.py:tiny",
+               "--workdir", str(tmp_path / "run"), f"--config.teacher.workdir={teacher['workdir']}",
+               f"--config.store_dir={root / 'store-train'}", f"--config.data.cache_dir={teacher['cache']}",
+               f"--config.data.max_files={MAX_FILES}", "--config.steps=40", "--config.checkpoint_every=1"]
+    proc = subprocess.run(run_cmd, cwd=root_dir, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "error: teacher store shard" in proc.stderr and "corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "cannot schedule" not in proc.stderr
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not ckpts.exists() or not [p for p in os.listdir(ckpts) if "tmp" in p]

@@ -320,7 +320,7 @@ class Transformer(nnx.Module):
             return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt))
         return x @ self.lm_head[...].astype(dt)
 
-    def __call__(self, tokens_bt, *, positions_bt=None, return_hidden=False):
+    def _blocks(self, tokens_bt, positions_bt):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         x = self._embed(tokens_bt, positions_bt)
@@ -328,8 +328,26 @@ class Transformer(nnx.Module):
         for block in self.blocks:
             x, _ = block(x, positions_bt)
             hidden.append(x)
+        return x, hidden
+
+    def __call__(self, tokens_bt, *, positions_bt=None, return_hidden=False):
+        x, hidden = self._blocks(tokens_bt, positions_bt)
         logits_btv = self._logits(x)
         return (logits_btv, hidden) if return_hidden else logits_btv
+
+    def final_hidden(self, tokens_bt, *, positions_bt=None):
+        """The final-normed hidden states [B, T, D]: what the unembedding turns into logits.  A fused
+        chunked head (`kdjax.fused_head`) starts here, so no [B, T, V] logits are ever built."""
+        x, _ = self._blocks(tokens_bt, positions_bt)
+        return self.final_norm(x)
+
+    def unembedding(self):
+        """(w, layout): `lm_head` [D, V] as "dv", or the tied `embed` table [V, D] as "vd" (no transposed
+        copy), in the compute dtype; logits = final_hidden @ w (or @ w.T)."""
+        dt = _DTYPES[self.cfg.dtype]
+        if self.lm_head is None:
+            return self.embed[...].astype(dt), "vd"
+        return self.lm_head[...].astype(dt), "dv"
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Any = None):
         """Empty KV cache: a list over layers of {'k','v': [B, S, K, E]}."""
