@@ -15,8 +15,10 @@ from configs import common, lm_pretrain
 def get_config(arg=None):
     arg = common.variant(arg, name="configs/lm_distill.py")
     config = lm_pretrain.get_config(arg)
-    config.mode = "offline"  # offline | online | on_policy | seqkd
-    config.loss = "fkl"  # fkl rkl jsd tvd skl srkl | taid | ce (no teacher: the baseline)
+    # offline | online | on_policy | seqkd | teacher_generated (the teacher's continuations, dense KD)
+    config.mode = "offline"
+    # fkl rkl jsd tvd skl srkl | taid | tvdpp (on_policy with on_policy_fraction=1) | ce (no teacher: baseline)
+    config.loss = "fkl"
     config.temperature = 1.0
     config.ce_alpha = 0.0  # weight of hard-label cross-entropy mixed into the divergence
     config.jsd_beta = 0.5

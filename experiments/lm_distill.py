@@ -43,7 +43,7 @@ def validate(config, overridden=()):
     """
     with run.Problems("lm_distill config") as p:
         run.check_common(p, config)
-        p.run(distill.check_loss, config.mode, config.loss)
+        p.run(distill.check_loss, config.mode, config.loss, on_policy_fraction=config.on_policy_fraction)
         p.check(config.temperature > 0, f"temperature must be > 0, got {config.temperature}")
         p.check(config.sample_temperature >= 0,
                 f"sample_temperature must be >= 0 (0 = greedy), got {config.sample_temperature}")
@@ -52,7 +52,7 @@ def validate(config, overridden=()):
                 f"on_policy_fraction must be in [0, 1], got {config.on_policy_fraction}")
         p.check(config.loss_chunk_size >= 0, f"loss_chunk_size must be >= 0, got {config.loss_chunk_size}")
         p.check(config.topk_tail in losses.TAILS, f"topk_tail must be one of {losses.TAILS}, got {config.topk_tail!r}")
-        if config.mode in ("on_policy", "seqkd"):
+        if config.mode in ("on_policy", "seqkd", "teacher_generated"):
             p.check(1 <= config.prompt_len < config.data.seq_len,
                     f"prompt_len must be in [1, data.seq_len={config.data.seq_len}), got {config.prompt_len}")
         if config.loss in losses.LOSSES:  # the loss's own hyperparameter checks, on a 1-token example
@@ -66,7 +66,7 @@ def validate(config, overridden=()):
                 "give teacher.workdir or teacher.hf_path, not both")
         p.check(not (config.student.init_workdir and config.student.hf_path),
                 "give student.init_workdir or student.hf_path, not both")
-        if config.mode in distill.MODES and config.loss in ("ce", "taid", *losses.LOSSES):
+        if config.mode in distill.MODES and config.loss in distill.KD_LOSSES:
             needs_model = distill.needs_teacher_model(config.mode, config.loss)
             p.check(teacher_given or not needs_model,
                     f"mode {config.mode!r} with loss {config.loss!r} runs the teacher: set --config.teacher.workdir "

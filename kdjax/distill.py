@@ -58,8 +58,22 @@ class KDSpec:
 
 
 class Mode(NamedTuple):
+    """A distillation mode: where the tokens come from (`build`) and what the teacher signal is (`signal`):
+    "store" (the batch's top-k entries), "model" (the teacher's logits on the tokens), None (CE on the built
+    tokens only), or a function `(teacher_model, batch, inputs_bt) -> logits_btv` for a teacher signal of
+    the experiment's own (e.g. classifier-free-guided logits).  Experiments may pass their own Mode to
+    `make_loss_fn` instead of a name of `MODES`."""
+
     build: Callable  # (student, batch, rng, frozen, spec) -> (batch, aux)
-    signal: Optional[str]  # "store" (the batch's top-k), "model" (the teacher on the tokens), None (CE only)
+    signal: Any  # "store" | "model" | None | callable
+
+
+def resolve_mode(mode) -> Mode:
+    if isinstance(mode, Mode):
+        return mode
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {tuple(MODES)}")
+    return MODES[mode]
 
 
 def divergence_hparams(loss, *, jsd_beta=0.5, skew_alpha=0.1):
@@ -149,37 +163,49 @@ MODES = {
     "online": Mode(_real_data, "model"),
     "on_policy": Mode(_student_rollout, "model"),
     "seqkd": Mode(_teacher_rollout, None),
+    # DistillSpec's "target-generated" data with logit KD: the teacher's continuations, scored densely.
+    "teacher_generated": Mode(_teacher_rollout, "model"),
 }
+# Losses beyond losses.LOSSES that the objective knows: CE alone, TAID (state in extra["taid"]), and TVD++
+# (a policy-gradient estimator that needs tokens sampled from the student: on-policy data only).
+KD_LOSSES = ("ce", "taid", "tvdpp", *losses.LOSSES)
 
 
-def check_loss(mode, loss):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {tuple(MODES)}")
-    known = ("ce", "taid", *losses.LOSSES)
-    if loss not in known:
-        raise ValueError(f"unknown loss {loss!r}; expected one of {known}")
-    if MODES[mode].signal is None and loss != "ce":
-        raise ValueError(f"{mode} trains with cross-entropy on teacher samples: set loss='ce'")
-    if mode == "on_policy" and loss == "ce":
+def check_loss(mode, loss, *, on_policy_fraction=1.0):
+    name = mode if isinstance(mode, str) else "this mode"
+    mode = resolve_mode(mode)
+    if loss not in KD_LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {KD_LOSSES}")
+    if mode.signal is None and loss != "ce":
+        raise ValueError(f"{name} trains with cross-entropy on teacher samples: set loss='ce'")
+    if mode is MODES["on_policy"] and loss == "ce":
         raise ValueError("on_policy needs a divergence to the teacher, not loss='ce'")
+    if loss == "tvdpp" and not (mode is MODES["on_policy"] and on_policy_fraction == 1.0):
+        raise ValueError("tvdpp estimates the TVD gradient from tokens the student sampled: use mode "
+                         "'on_policy' with on_policy_fraction=1 (draft-generated data)")
+    if loss == "tvdpp" and mode.signal == "store":
+        raise ValueError("tvdpp needs the teacher's probability of the sampled token: not from a top-k store")
 
 
 def needs_teacher_model(mode, loss):
     """Whether training runs the teacher network (offline reads the store; CE-only needs none)."""
-    if MODES[mode].signal is None:
+    mode = resolve_mode(mode)
+    if mode.signal is None:
         return True  # the teacher generates the data
-    return MODES[mode].signal == "model" and loss != "ce"
+    return mode.signal != "store" and loss != "ce"
 
 
 # --------------------------------------------------------------------------------------------------------
 # The one objective.
 
 
-def kd_term(student_logits_btv, teacher, mask_bt, extra, spec: KDSpec):
-    """(sum, count) of the configured divergence (or TAID) of the student against `teacher`: the store's
-    top-k fields (a dict) or the teacher's dense logits [B, T, V]."""
+def kd_term(student_logits_btv, teacher, mask_bt, extra, spec: KDSpec, tokens_bt=None):
+    """(sum, count) of the configured divergence (or TAID, or TVD++) of the student against `teacher`: the
+    store's top-k fields (a dict) or the teacher's dense logits [B, T, V].  `tokens_bt`: the labels (TVD++)."""
     hparams = dict(spec.hparams)
     taid_t = {"t": extra["taid"].t} if spec.loss == "taid" else {}
+    if spec.loss == "tvdpp":  # the tokens each position was sampled to (the labels) drive the estimator
+        return losses.tvdpp(student_logits_btv, teacher, tokens_bt, mask_bt, temperature=spec.temperature)
     if isinstance(teacher, dict):
         top = (student_logits_btv, teacher["teacher_logprobs"], teacher["teacher_ids"], mask_bt)
         kw = dict(temperature=spec.temperature, tail=spec.tail,
@@ -205,15 +231,21 @@ def objective_loss(model, batch, rng, frozen, extra, *, spec: KDSpec):
     aux = {"ce": (ce_sum, ce_count)}
     if spec.loss == "ce":
         return ce_sum, ce_count, aux
-    if MODES[spec.mode].signal == "store":
-        teacher = {k: batch[k] for k in STORE_FIELDS if k in batch}
-    else:
-        teacher = jax.lax.stop_gradient(nnx.merge(spec.teacher_graphdef, frozen)(inputs))
-    kd_sum, kd_count = kd_term(student_logits, teacher, batch["kd_mask"], extra, spec)
+    teacher = _teacher_signal(resolve_mode(spec.mode).signal, batch, frozen, spec, inputs)
+    kd_sum, kd_count = kd_term(student_logits, teacher, batch["kd_mask"], extra, spec, tokens_bt=labels)
     aux["kd"] = (kd_sum, kd_count)
     # Every row of ce_scale holds the whole batch's C_kd / C_ce (see the module docstring).
     ce_scale = batch["ce_scale"][0]
     return spec.ce_alpha * ce_sum * ce_scale + (1.0 - spec.ce_alpha) * kd_sum, kd_count, aux
+
+
+def _teacher_signal(signal, batch, frozen, spec, inputs):
+    """The store's entries (a dict) or dense teacher logits [B, T, V] (gradients stopped)."""
+    if signal == "store":
+        return {k: batch[k] for k in STORE_FIELDS if k in batch}
+    teacher = nnx.merge(spec.teacher_graphdef, frozen)
+    logits = teacher(inputs) if signal == "model" else signal(teacher, batch, inputs)
+    return jax.lax.stop_gradient(logits)
 
 
 def _head(model):
@@ -224,7 +256,10 @@ def _head(model):
 def _fused_teacher(batch, frozen, spec, inputs):
     """The teacher signal for the fused head: the store's entries, or the teacher's final hidden states and
     unembedding (no [B, T, V] teacher logits either)."""
-    if MODES[spec.mode].signal == "store":
+    signal = resolve_mode(spec.mode).signal
+    if callable(signal):
+        raise ValueError("a mode with its own teacher signal has no fused head path: set loss_chunk_size=0")
+    if signal == "store":
         return fused_head.TopkTeacher(batch["teacher_logprobs"], batch["teacher_ids"],
                                       batch.get("teacher_tail_logprob"), batch.get("teacher_label_logprob"))
     teacher = nnx.merge(spec.teacher_graphdef, frozen)
@@ -239,6 +274,8 @@ def _fused_objective_loss(model, batch, frozen, extra, spec):
     if spec.loss == "ce":
         out = fused_head.fused_loss(h, _head(model), labels, batch["ce_mask"], chunk_size=spec.chunk_size)
         return out.total, out.ce[1], {"ce": out.ce}
+    if spec.loss == "tvdpp":
+        raise ValueError("tvdpp has no fused head path: set loss_chunk_size=0")
     ce_weight = 0.0 if spec.ce_alpha == 0 else spec.ce_alpha * batch["ce_scale"][0]
     out = fused_head.fused_loss(
         h, _head(model), labels, batch["ce_mask"], chunk_size=spec.chunk_size,
@@ -275,7 +312,7 @@ def make_loss_fn(
     chunk_size > 0 computes the head and the losses chunk by chunk over tokens (`kdjax.fused_head`): the same
     values and gradients, without any [B, T, V] array of the student or the teacher.
     """
-    check_loss(mode, loss)
+    check_loss(mode, loss, on_policy_fraction=on_policy_fraction)
     if not 0.0 <= ce_alpha <= 1.0:
         raise ValueError(f"ce_alpha must be in [0, 1], got {ce_alpha}")
     spec = KDSpec(
@@ -292,7 +329,7 @@ def make_loss_fn(
         eos_id=eos_id,
         chunk_size=chunk_size,
     )
-    build = MODES[mode].build
+    build = resolve_mode(mode).build
     return steps.Objective(
         loss=functools.partial(objective_loss, spec=spec),
         prepare=lambda model, batch, rng, frozen, extra: build(model, batch, rng, frozen, spec),

@@ -63,10 +63,12 @@ def distill_cfg(teacher, **overrides):
 
 @pytest.mark.parametrize(
     "mode,loss",
-    [("offline", "jsd"), ("online", "rkl"), ("on_policy", "jsd"), ("seqkd", "ce"), ("offline", "ce")],
+    [("offline", "jsd"), ("online", "rkl"), ("on_policy", "jsd"), ("seqkd", "ce"), ("offline", "ce"),
+     ("teacher_generated", "tvd"), ("on_policy", "tvdpp")],
 )
 def test_each_mode_runs_two_steps(teacher, tmp_path, mode, loss):
-    result = lm_distill.train(distill_cfg(teacher, mode=mode, loss=loss), str(tmp_path))
+    config = distill_cfg(teacher, mode=mode, loss=loss, on_policy_fraction=1.0 if loss == "tvdpp" else 0.5)
+    result = lm_distill.train(config, str(tmp_path))
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
     assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
@@ -487,3 +489,10 @@ def test_a_corrupt_store_is_one_clear_error_and_verify_names_it(teacher, tmp_pat
     assert "Traceback" not in proc.stderr + proc.stdout and "cannot schedule" not in proc.stderr
     ckpts = tmp_path / "run" / "checkpoints"
     assert not ckpts.exists() or not [p for p in os.listdir(ckpts) if "tmp" in p]
+
+
+def test_tvdpp_needs_draft_generated_data():
+    distill.check_loss("on_policy", "tvdpp", on_policy_fraction=1.0)
+    for mode, fraction in (("on_policy", 0.5), ("online", 1.0), ("offline", 1.0)):
+        with pytest.raises(ValueError, match="tvdpp"):
+            distill.check_loss(mode, "tvdpp", on_policy_fraction=fraction)
