@@ -67,8 +67,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
-import tqdm
 
+from kdjax import progress
 from kdjax.hostio import (
     fsync_dir,
     hash_directory,
@@ -929,10 +929,8 @@ def _run_teacher(
     seq_len = identity["seq_len"]
     example_ids = [i for s in shards for i in range(*_shard_range(identity, s))]
     assembler = ShardAssembler(identity)
-    bar = tqdm.tqdm(
-        total=len(example_ids) * seq_len, unit="tok", unit_scale=True, disable=progress_desc is None
-    )
-    bar.set_description(progress_desc or "")
+    bar = progress.progress_bar(total=len(example_ids) * seq_len, unit="tok", unit_scale=True,
+                                desc=progress_desc or "", enabled=progress_desc is not None)
 
     def host_step(outputs, batch_ids, tokens, writer):
         outputs = jax.device_get(outputs)

@@ -496,3 +496,15 @@ def test_tvdpp_needs_draft_generated_data():
     for mode, fraction in (("on_policy", 0.5), ("online", 1.0), ("offline", 1.0)):
         with pytest.raises(ValueError, match="tvdpp"):
             distill.check_loss(mode, "tvdpp", on_policy_fraction=fraction)
+
+
+def test_model_overrides_conflict_with_a_loaded_student(teacher, tmp_path):
+    # --config.student.hf_path keeps the checkpoint's architecture: --config.model.* given with it would be
+    # silently dropped, so it is refused (naming the keys) before anything is read or written.
+    config = distill_cfg(teacher, mode="online", loss="fkl")
+    config.student.init_workdir = teacher["workdir"]
+    with pytest.raises(run.ConfigError, match="model.embed_dim, model.num_layers would be ignored"):
+        lm_distill.train(config, str(tmp_path / "run"), overridden=("model.num_layers", "model.embed_dim", "steps"))
+    assert not (tmp_path / "run").exists()
+    lm_distill.train(config, str(tmp_path / "run"), overridden=("steps",))  # other overrides are fine
+    assert json.load(open(tmp_path / "run" / "model_config.json"))["num_layers"] == 2  # the teacher's own
