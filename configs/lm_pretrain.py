@@ -43,6 +43,11 @@ def get_config(arg=None):
     config.model.tie_embeddings = True
     config.model.param_dtype = "float32"
     config.model.dtype = "float32"
+    # One compiled block scanned over stacked layer params (compile time flat in depth; checkpoints and HF
+    # exports convert, see kdjax.models.transformer.to_scanned), and what each block keeps for the backward
+    # pass: "none" | "full" | "dots_saveable" | "dots_with_no_batch_dims_saveable" | "offload".
+    config.model.scan_layers = False
+    config.model.remat_policy = "none"
 
     config.batch_size = 16  # global, across all devices and processes
     config.accum_steps = 1
@@ -68,6 +73,15 @@ def get_config(arg=None):
         ("kv_heads", "tensor"),
         ("head_dim", None),
         ("layers", None),
+        # Activations (constraints inside the model): batch data-parallel, model dimension replicated.
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_heads", "tensor"),
+        ("activation_kv_heads", "tensor"),
+        ("activation_head_dim", None),
+        ("activation_mlp", "tensor"),
+        ("activation_vocab", "tensor"),
     )
     # Multi-process runs (jax.distributed): "" / 1 / 0 = unset, then KDJAX_COORDINATOR, KDJAX_NUM_PROCESSES
     # and KDJAX_PROCESS_ID are read; on a Cloud TPU pod slice leave all unset (detected).  See docs/scaling.md.

@@ -5,6 +5,7 @@ A kdjax work directory, as written by `experiments.lm_pretrain` (and the distill
 """
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Optional
@@ -15,6 +16,7 @@ from flax import nnx
 from kdjax import checkpoint, hostio, sharding
 from kdjax.data import hf_tokenizer
 from kdjax.data.tokenizer import Tokenizer
+from kdjax.models import transformer
 from kdjax.models.transformer import Transformer, TransformerConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -56,8 +58,12 @@ def save_model_files(workdir: str, model_config: TransformerConfig, tokenizer: T
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
     new = dataclasses.asdict(model_config)
     if os.path.exists(path):
-        old = hostio.read_json(path)
-        if old != json.loads(json.dumps(new)):
+        # Fields added since the file was written take their defaults (e.g. scan_layers); remat_policy changes
+        # how the step is computed, not the model or its checkpoints' layout.
+        old = dataclasses.asdict(TransformerConfig(**hostio.read_json(path)))
+        old["remat_policy"] = new["remat_policy"]
+        old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+        if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ArchitectureMismatchError(f"{path} describes another architecture (differs in {diff}); not replacing it")
     if jax.process_index() != 0:
@@ -74,6 +80,19 @@ def abstract_model(model_config: TransformerConfig, mesh, rules):
     )
     shardings = sharding.tree_shardings(params, rules, mesh)
     return graphdef, sharding.abstract_with_shardings(params, shardings), shardings
+
+
+def convert_layers(model: Pretrained, *, scan_layers: bool) -> Pretrained:
+    """`model` in the scanned (one Block, params stacked on [L]) or unscanned (blocks/0, blocks/1, ...) layout,
+    whichever it is not in yet (unchanged if it is): config, graphdef and params (`transformer.to_scanned` /
+    `to_unscanned`; the stacked or split copy is built on the params' devices, sharded by XLA).  A kdjax work
+    directory's checkpoints are in the layout its model_config.json names; load, then convert."""
+    if model.config.scan_layers == scan_layers:
+        return model
+    config = dataclasses.replace(model.config, scan_layers=scan_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    params = jax.jit(functools.partial(transformer.convert_layers, scan_layers=scan_layers))(model.params)
+    return dataclasses.replace(model, graphdef=graphdef, params=params, config=config)
 
 
 def load_workdir(workdir: str, *, mesh, rules, step=None) -> Pretrained:

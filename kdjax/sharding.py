@@ -8,14 +8,23 @@ mesh.  The mesh is always passed in; nothing here reads or sets global mesh stat
 
 Logical axes (named on every parameter by `kdjax.models`): `vocab`, `embed`, `mlp`, `heads`, `kv_heads`,
 `head_dim`, `layers`, and `batch` for data.  Rules map each to a mesh axis (or a tuple of them, or None).
+Activations have their own names (`activation_batch`, `activation_length`, `activation_embed`, ...), applied
+as sharding constraints inside the model when a step is traced under `with_activation_sharding`: the batch
+dimension on the data-parallel axes and the model dimension replicated, so that FSDP gathers each layer's
+weights (small) instead of regathering activations (large), and tensor parallelism splits heads, MLP and
+vocabulary activations as it splits their weights.
 """
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# One implementation, shared with the models (which may import nothing from kdjax outside kdjax.models).
+from kdjax.models.partitioning import activation_sharding, constrain, logical_to_spec  # noqa: F401
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -30,6 +39,15 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    # Activations: batch data-parallel, the residual stream's model dimension whole on every device.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
@@ -60,32 +78,21 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] = None) -> M
     )
 
 
-def logical_to_spec(logical_axes, shape, rules, mesh: Mesh) -> P:
-    """PartitionSpec for an array whose dimensions carry `logical_axes` names.
+def with_activation_sharding(fn, mesh: Mesh, rules):
+    """`fn` traced with the model's activation constraints resolved by `rules` on `mesh`.
 
-    A dimension is sharded over its rule's mesh axes only if its size divides evenly and none of those
-    mesh axes is already used by an earlier dimension; otherwise it is replicated (e.g. 2 kv heads on a
-    tensor axis of 4).  Unknown logical names are an error, so a typo in the rules cannot silently
-    replicate a whole model.
+    Wrap the step function *before* `jax.jit` (``jax.jit(with_activation_sharding(step, mesh, rules), ...)``):
+    jit traces on the first call, and the wrapper enters `activation_sharding(mesh, rules)` around every trace,
+    so the `partitioning.constrain` calls inside `kdjax.models` (and `kdjax.fused_head`) become sharding
+    constraints.  Without it they are no-ops.
     """
-    rules = dict(rules)
-    used, spec = set(), []
-    for name, size in zip(logical_axes, shape):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(rules)}")
-        target = rules[name]
-        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
-        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if not axes or size % n or used & set(axes):
-            spec.append(None)
-        else:
-            used |= set(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _is_variable(x):

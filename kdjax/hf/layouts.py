@@ -128,6 +128,17 @@ def single(name, shape, path, from_hf=identity, to_hf=identity) -> HFTensor:
     return HFTensor(name, tuple(shape), ((path, from_hf),), to_hf)
 
 
+def model_path(path: tuple, scan_layers: bool) -> tuple:
+    """(kdjax parameter path, layer index or None) of a layout part path.
+
+    Layouts name block parameters per layer, ("blocks", i, ...), the unscanned model's paths.  A scanned
+    model (`TransformerConfig.scan_layers`) holds them stacked as ("blocks", ...) [L, ...], layer i at
+    index i of the leading axis."""
+    if scan_layers and len(path) > 1 and path[0] == "blocks" and isinstance(path[1], int):
+        return ("blocks", *path[2:]), path[1]
+    return path, None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Layouts
 

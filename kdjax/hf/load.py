@@ -94,21 +94,45 @@ def _read_slice(host: np.ndarray, index, *, dtype) -> np.ndarray:
     return np.array(host[index], dtype)
 
 
+def _read_layers_slice(hosts: tuple, index, *, dtype) -> np.ndarray:
+    """A scanned parameter's slice: `index[0]` picks layers (one HF tensor each), the rest slices each."""
+    layers = range(len(hosts))[index[0]]
+    return np.stack([np.array(hosts[i][tuple(index[1:])], dtype) for i in layers])
+
+
+def _host_views(ckpt, tensors, stored, cfg) -> dict:
+    """{kdjax parameter path: lazy host view}, or for a scanned model's block parameters a tuple of views,
+    one per layer (the HF checkpoint stores layers separately)."""
+    views = {}
+    for tensor in tensors:
+        for part_path, from_hf in tensor.parts:
+            path, layer = layouts.model_path(part_path, cfg.scan_layers)
+            host = from_hf(ckpt.view(stored[tensor.name]))  # a lazy view; nothing read yet
+            if layer is None:
+                views[path] = host
+            else:
+                views.setdefault(path, [None] * cfg.num_layers)[layer] = host
+    return {p: tuple(v) if isinstance(v, list) else v for p, v in views.items()}
+
+
 def _place_params(ckpt, tensors, stored, cfg, mesh, rules) -> tuple:
     """(graphdef, nnx.Param state) with every parameter built on its devices from the memory-mapped views."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    by_path = {part_path: (t, from_hf) for t in tensors for part_path, from_hf in t.parts}
+    views = _host_views(ckpt, tensors, stored, cfg)
     pdt = np.dtype(jnp.dtype(cfg.param_dtype))
     flat = []
     for param_path, var in nnx.to_flat_state(abstract):
-        if param_path not in by_path:
+        if param_path not in views:
             raise AssertionError(f"kdjax parameter {param_path} has no Hugging Face tensor in the layout")
-        tensor, from_hf = by_path[param_path]
-        host = from_hf(ckpt.view(stored[tensor.name]))  # a lazy view; nothing read yet
-        shape = var.get_value().shape
-        if host.shape != shape:
-            raise AssertionError(f"{tensor.name} -> {param_path}: layout gives {host.shape}, model has {shape}")
-        read = functools.partial(_read_slice, host, dtype=pdt)  # called with each device's index
+        host, shape = views[param_path], var.get_value().shape
+        if isinstance(host, tuple):  # scanned: one view per layer, stacked slice by slice on read
+            found = (len(host), *host[0].shape)
+            read = functools.partial(_read_layers_slice, host, dtype=pdt)
+        else:
+            found = host.shape
+            read = functools.partial(_read_slice, host, dtype=pdt)  # called with each device's index
+        if found != shape:
+            raise AssertionError(f"{param_path}: layout gives {found}, model has {shape}")
         array = jax.make_array_from_callback(shape, _param_sharding(var, mesh, rules), read)
         flat.append((param_path, var.replace(array)))
     return graphdef, nnx.from_flat_state(flat)
@@ -122,6 +146,8 @@ def load_hf_params(
     max_len: Optional[int] = None,
     param_dtype: Optional[str] = None,
     dtype: Optional[str] = None,
+    scan_layers: bool = False,
+    remat_policy: str = "none",
 ) -> HFCheckpoint:
     """Reads an HF directory (config.json, safetensors, tokenizer.json) into sharded kdjax params.
 
@@ -130,12 +156,14 @@ def load_hf_params(
     everything goes to the first device.  Raises ValueError for an unsupported config, a missing tensor
     (naming all missing ones), a tensor of the wrong shape (naming it and both shapes), a non-float tensor,
     or checkpoint tensors the model has no place for (naming them).  See `hf_config_to_kdjax` for the
-    keyword arguments.
+    keyword arguments; `scan_layers` and `remat_policy` are the `TransformerConfig` fields of that name (a
+    scanned model reads each layer's HF tensor into its slice of the stacked parameter).
     """
     path = os.fspath(path)
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
     cfg = hf_config_to_kdjax(hf_config, max_len=max_len, param_dtype=param_dtype, dtype=dtype)
+    cfg = dataclasses.replace(cfg, scan_layers=scan_layers, remat_policy=remat_policy)
     model_type = hf_config["model_type"]
     tokenizer = load_tokenizer_files(path, eos_token_id=hf_config.get("eos_token_id"))
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -159,7 +187,10 @@ def load_hf(
     max_len: Optional[int] = None,
     param_dtype: Optional[str] = None,
     dtype: Optional[str] = None,
+    scan_layers: bool = False,
+    remat_policy: str = "none",
 ) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from an HF directory: `model(tokens_bt) -> logits_btv`.  See `load_hf_params`."""
-    ckpt = load_hf_params(path, mesh=mesh, rules=rules, max_len=max_len, param_dtype=param_dtype, dtype=dtype)
+    ckpt = load_hf_params(path, mesh=mesh, rules=rules, max_len=max_len, param_dtype=param_dtype, dtype=dtype,
+                          scan_layers=scan_layers, remat_policy=remat_policy)
     return ckpt.model(), ckpt.tokenizer

@@ -78,9 +78,17 @@ def choose_export_config(
     )
 
 
-def _produce(tensor: layouts.HFTensor, params: dict, dtype: np.dtype) -> np.ndarray:
+def _param_value(params: dict, part_path: tuple, scan_layers: bool):
+    """The (device) value of a layout part: the parameter, or its layer of a scanned model's stacked one
+    (sliced on device, so only that layer is gathered to the host)."""
+    path, layer = layouts.model_path(part_path, scan_layers)
+    value = params[path].get_value()
+    return value if layer is None else value[layer]
+
+
+def _produce(tensor: layouts.HFTensor, params: dict, dtype: np.dtype, scan_layers: bool = False) -> np.ndarray:
     """The HF tensor from its kdjax parameters, gathered to the host (collective in a multi-host run)."""
-    arrays = [to_host(params[p].get_value()) for p, _ in tensor.parts]
+    arrays = [to_host(_param_value(params, p, scan_layers)) for p, _ in tensor.parts]
     return tensor.to_hf(*arrays).astype(dtype, copy=False)
 
 
@@ -88,14 +96,15 @@ def _weight_entries(model: Transformer, model_type: str, dtype: Optional[str]) -
     """One `Entry` per HF tensor; each keeps its params' dtype unless `dtype` casts them (a padding tensor
     without parameters takes the embedding's)."""
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    scan = model.cfg.scan_layers
     entries = []
     for tensor in layouts.layout(model.cfg, model_type):
         if dtype is not None:
             np_dtype = np.dtype(jnp.dtype(dtype))
         else:
             source = tensor.parts[0][0] if tensor.parts else ("embed",)
-            np_dtype = np.dtype(params[source].get_value().dtype)
-        produce = functools.partial(_produce, tensor, params, np_dtype)
+            np_dtype = np.dtype(params[layouts.model_path(source, scan)[0]].get_value().dtype)
+        produce = functools.partial(_produce, tensor, params, np_dtype, scan)
         entries.append(Entry(tensor.name, tensor.shape, np_dtype, produce))
     return entries
 

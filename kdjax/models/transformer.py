@@ -14,6 +14,20 @@ Storing names (not mesh shardings) keeps the model free of any mesh: the same mo
 
 The forward pass is functional with respect to the KV cache: the cache is an explicit pytree argument and
 return value (no hidden mutable state), so prefill and decode steps jit and scan like any pure function.
+
+Layers: `scan_layers=False` keeps one `Block` per layer (`blocks/0/...`, `blocks/1/...`, the Hugging Face
+order); `scan_layers=True` stores one `Block` whose parameters are stacked on a leading [L] axis (logical axis
+`layers`) and runs it under `jax.lax.scan`, so the step compiles one block whatever the depth.  Both give the
+same function of the same numbers: `to_scanned` / `to_unscanned` convert parameters (or a whole train state)
+between the two, and a scanned model's initial parameters are exactly `to_scanned` of the unscanned model's.
+`remat_policy` recomputes each block's activations in the backward pass (`jax.checkpoint`) instead of keeping
+them: "full" keeps only the block inputs, the dots_* policies also keep matmul outputs, "offload" moves them
+to host memory (backends with a pinned host memory space).
+
+Activations carry logical names too (`activation_batch`, `activation_length`, `activation_embed`,
+`activation_heads`, `activation_kv_heads`, `activation_head_dim`, `activation_mlp`, `activation_vocab`):
+`partitioning.constrain` turns them into sharding constraints when the caller traces the step under
+`kdjax.sharding.with_activation_sharding` (and is the identity otherwise).
 """
 
 import dataclasses
@@ -24,7 +38,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.models.partitioning import constrain
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a block keeps for the backward pass: everything ("none": no rematerialisation), only its input
+# ("full"), its matmul outputs ("dots_saveable"), its matmul outputs without batch dimensions (the
+# projections, not attention's QK^T / PV: "dots_with_no_batch_dims_saveable"), or those moved to pinned host
+# memory ("offload").
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
+
+# Logical names of activation dimensions (see the module docstring).
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTHE = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+BTKE = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +78,8 @@ class TransformerConfig:
     norm_eps: float = 1e-6
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; attention softmax and norms always run in float32
+    scan_layers: bool = False  # one Block with [L]-stacked params under lax.scan (compile time flat in depth)
+    remat_policy: str = "none"  # see REMAT_POLICIES: what each block keeps for the backward pass
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -62,6 +92,7 @@ class TransformerConfig:
             ("mlp", self.mlp, ("swiglu", "gelu")),
             ("param_dtype", self.param_dtype, tuple(_DTYPES)),
             ("dtype", self.dtype, tuple(_DTYPES)),
+            ("remat_policy", self.remat_policy, REMAT_POLICIES),
         ):
             if value not in allowed:
                 raise ValueError(f"TransformerConfig.{name}={value!r}; expected one of {allowed}")
@@ -187,18 +218,20 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, _zeros, (k, e), ("kv_heads", "head_dim"), pdt)
         self.bo = _param(rngs, _zeros, (d,), ("embed",), pdt) if cfg.out_bias else None
 
-    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None):
+    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, layer=None):
         """Returns (y_btd, new_cache).  Without a cache, attends causally within x.
 
         With `cache={'k': [B,S,K,E], 'v': [B,S,K,E]}` the new keys/values are written at
         [cache_index, cache_index + T) (`cache_index` a scalar, or [B] with one offset per row) and queries
         attend to every cache slot <= their own position (`positions_bt`, the slot they are written to).
+        With `layer` (a traced int: the scanned model's layer), the cache is the whole model's,
+        [B, L, S, K, E], and only layer `layer`'s slots are written and read.
         """
         cfg, dt = self.cfg, _DTYPES[self.cfg.dtype]
         x = x_btd.astype(dt)
-        q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
+        q = constrain(jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt)), BTHE)
+        k = constrain(jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt)), BTKE)
+        v = constrain(jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt)), BTKE)
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if cfg.positions == "rope":
@@ -207,8 +240,9 @@ class Attention(nnx.Module):
             keys, values, key_pos_bs = k, v, positions_bt
             new_cache = None
         else:
-            keys, values = _write_cache(cache["k"], k, cache_index), _write_cache(cache["v"], v, cache_index)
-            new_cache = {"k": keys, "v": values}
+            new_cache = {"k": _write_cache(cache["k"], k, cache_index, layer),
+                         "v": _write_cache(cache["v"], v, cache_index, layer)}
+            keys, values = _read_cache(new_cache["k"], layer), _read_cache(new_cache["v"], layer)
             s = keys.shape[1]
             # Slots past a row's write head hold zeros or stale entries (e.g. tokens a speculative decoder
             # rejected: rolling back is resetting the row's length); the causal test below excludes them.
@@ -222,19 +256,35 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bske->btkge", probs, values).reshape(b, t, h, e)
-        y = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
+        out = constrain(out, BTHE)
+        # [B, T, H*E] @ [H*E, D]: both reshapes are free (row-major), and a plain matmul lets XLA use wo as it
+        # is stored; the einsum "bthe,hed->btd" made it transpose a copy of wo on every forward.
+        y = out.reshape(b, t, h * e) @ self.wo[...].astype(dt).reshape(h * e, -1)
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
-        return y, new_cache
+        return constrain(y, BTD), new_cache
 
 
-def _write_cache(cache_bske, new_btke, index):
-    """Writes T new entries at slots [index, index + T) of each row; `index` is a scalar or [B] per-row offsets."""
-    new_btke = new_btke.astype(cache_bske.dtype)
+def _write_cache(cache, new_btke, index, layer=None):
+    """Writes T new entries at slots [index, index + T) of each row; `index` is a scalar or [B] per-row offsets.
+
+    cache: [B, S, K, E], or [B, L, S, K, E] with `layer` (then only that layer's slots are written)."""
+    new_btke = new_btke.astype(cache.dtype)
+    if layer is not None:  # one layer of the stacked cache: write [B, 1, T, K, E] at (0, layer, index, 0, 0)
+        new_btke = new_btke[:, None]
+    zero = jnp.zeros((), jnp.int32)
+    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
     if index.ndim == 0:
-        return jax.lax.dynamic_update_slice_in_dim(cache_bske, new_btke, index, axis=1)
-    write_row = lambda c_ske, n_tke, i: jax.lax.dynamic_update_slice_in_dim(c_ske, n_tke, i, axis=0)
-    return jax.vmap(write_row)(cache_bske, new_btke, index)
+        return jax.lax.dynamic_update_slice(cache, new_btke, (zero, *lead, index, zero, zero))
+    write_row = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (*lead, i, zero, zero))
+    return jax.vmap(write_row)(cache, new_btke, index)
+
+
+def _read_cache(cache, layer):
+    """[B, S, K, E]: the cache itself, or layer `layer` of a stacked [B, L, S, K, E] cache."""
+    if layer is None:
+        return cache
+    return jax.lax.dynamic_index_in_dim(cache, layer, axis=1, keepdims=False)
 
 
 class MLP(nnx.Module):
@@ -263,10 +313,11 @@ class MLP(nnx.Module):
             hidden = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * up
         else:
             hidden = jax.nn.gelu(up, approximate=True)
+        hidden = constrain(hidden, BTF)
         y = hidden @ self.w_down[...].astype(dt)
         if cfg.mlp_bias:
             y = y + self.b_down[...].astype(dt)
-        return y
+        return constrain(y, BTD)
 
 
 class Block(nnx.Module):
@@ -278,10 +329,10 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None):
-        y, new_cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, cache_index)
-        x_btd = x_btd + y
-        return x_btd + self.mlp(self.mlp_norm(x_btd)), new_cache
+    def __call__(self, x_btd, positions_bt, cache=None, cache_index=None, layer=None):
+        y, new_cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, cache_index, layer)
+        x_btd = constrain(x_btd + y, BTD)
+        return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), BTD), new_cache
 
 
 class Transformer(nnx.Module):
@@ -289,6 +340,7 @@ class Transformer(nnx.Module):
 
     `return_hidden=True` also returns the residual stream after every block, a list of L arrays [B, T, D]
     (the inputs of feature-distillation losses).  `forward_cached` is the KV-cache path used by the sampler.
+    With `cfg.scan_layers`, `blocks` is one `Block` whose parameters have a leading [L] axis.
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -300,7 +352,10 @@ class Transformer(nnx.Module):
             if cfg.positions == "learned"
             else None
         )
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        # The same draws in both layouts (same order from the same Rngs), so that a scanned model's initial
+        # parameters are the unscanned model's, stacked.
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.blocks = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = Norm(cfg, rngs=rngs)
         self.lm_head = (
             None if cfg.tie_embeddings else _param(rngs, _normal(0.02), (d, v), ("embed", "vocab"), pdt)
@@ -311,35 +366,47 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(dt)
-        return x
+        return constrain(x, BTD)
 
     def _logits(self, x_btd):
         dt = _DTYPES[self.cfg.dtype]
         x = self.final_norm(x_btd)
         if self.lm_head is None:
-            return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt))
-        return x @ self.lm_head[...].astype(dt)
+            return constrain(jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)), BTV)
+        return constrain(x @ self.lm_head[...].astype(dt), BTV)
 
-    def _blocks(self, tokens_bt, positions_bt):
+    def _blocks(self, tokens_bt, positions_bt, collect=True):
+        """(final residual stream [B, T, D], list of every block's output, or [] without `collect`)."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         x = self._embed(tokens_bt, positions_bt)
+        apply = _remat(self.cfg.remat_policy, self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x, layer_state):
+                x = apply(graphdef, positions_bt, layer_state, x)
+                return x, (x if collect else None)
+
+            x, stacked = jax.lax.scan(body, x, state)
+            return x, ([stacked[i] for i in range(self.cfg.num_layers)] if collect else [])
         hidden = []
         for block in self.blocks:
-            x, _ = block(x, positions_bt)
+            graphdef, state = nnx.split(block)
+            x = apply(graphdef, positions_bt, state, x)
             hidden.append(x)
-        return x, hidden
+        return x, (hidden if collect else [])
 
     def __call__(self, tokens_bt, *, positions_bt=None, return_hidden=False):
-        x, hidden = self._blocks(tokens_bt, positions_bt)
+        x, hidden = self._blocks(tokens_bt, positions_bt, collect=return_hidden)
         logits_btv = self._logits(x)
         return (logits_btv, hidden) if return_hidden else logits_btv
 
     def final_hidden(self, tokens_bt, *, positions_bt=None):
         """The final-normed hidden states [B, T, D]: what the unembedding turns into logits.  A fused
         chunked head (`kdjax.fused_head`) starts here, so no [B, T, V] logits are ever built."""
-        x, _ = self._blocks(tokens_bt, positions_bt)
-        return self.final_norm(x)
+        x, _ = self._blocks(tokens_bt, positions_bt, collect=False)
+        return constrain(self.final_norm(x), BTD)
 
     def unembedding(self):
         """(w, layout): `lm_head` [D, V] as "dv", or the tied `embed` table [V, D] as "vd" (no transposed
@@ -350,11 +417,16 @@ class Transformer(nnx.Module):
         return self.lm_head[...].astype(dt), "dv"
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Any = None):
-        """Empty KV cache: a list over layers of {'k','v': [B, S, K, E]}."""
+        """Empty KV cache.  Unscanned: a list over layers of {'k','v': [B, S, K, E]}; scanned: one
+        {'k','v': [B, L, S, K, E]}.  Either way every leaf has the batch on axis 0 (callers may concatenate
+        or slice caches along it) and is otherwise opaque: pass it back to `forward_cached`."""
         cfg = self.cfg
         max_len = max_len or cfg.max_len
         dtype = dtype or _DTYPES[cfg.dtype]
         shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.scan_layers:
+            shape = (batch_size, cfg.num_layers, *shape[1:])
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
 
     def forward_cached(self, tokens_bt, cache, cache_index):
@@ -373,8 +445,137 @@ class Transformer(nnx.Module):
         cache_index = jnp.asarray(cache_index, jnp.int32)
         positions_bt = jnp.broadcast_to(cache_index[..., None] + jnp.arange(t), tokens_bt.shape)
         x = self._embed(tokens_bt, jnp.minimum(positions_bt, self.cfg.max_len - 1))
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(carry, xs):
+                x, cache = carry
+                layer_state, layer = xs
+                return nnx.merge(graphdef, layer_state)(x, positions_bt, cache, cache_index, layer), None
+
+            layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+            (x, new_cache), _ = jax.lax.scan(body, (x, cache), (state, layers))
+            return self._logits(x), new_cache
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block(x, positions_bt, layer_cache, cache_index)
             new_cache.append(layer_cache)
         return self._logits(x), new_cache
+
+
+def _apply_block(graphdef, positions_bt, state, x_btd):
+    """One block as a pure function of its parameters (what `jax.checkpoint` and `lax.scan` take)."""
+    return nnx.merge(graphdef, state)(x_btd, positions_bt)[0]
+
+
+def checkpoint_policy(name: str):
+    """The `jax.checkpoint` policy of a `REMAT_POLICIES` name ("none" has none: nothing is recomputed)."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "dots_saveable":
+        return policies.dots_saveable
+    if name == "dots_with_no_batch_dims_saveable":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        if "pinned_host" not in {m.kind for m in jax.devices()[0].addressable_memories()}:
+            raise ValueError(f"remat_policy='offload' needs a pinned_host memory space; the {jax.default_backend()} "
+                             "backend has none: use 'dots_with_no_batch_dims_saveable' or 'full'")
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat_policy={name!r}; expected one of {REMAT_POLICIES}")
+
+
+def _remat(name, scanned):
+    """`_apply_block`, rematerialised under the named policy (the block's input is always kept)."""
+    if name == "none":
+        return _apply_block
+    # Under scan each iteration is its own region, so CSE across layers cannot undo the remat.
+    return jax.checkpoint(_apply_block, policy=checkpoint_policy(name), prevent_cse=not scanned,
+                          static_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scanned <-> unscanned parameters.
+
+
+def _is_variable(x):
+    return isinstance(x, nnx.Variable)
+
+
+def _stack_variables(*variables):
+    """One Variable holding the layers' values stacked on a new leading axis named `layers`."""
+    first = variables[0]
+    axes = first.get_metadata().get("logical_axes")
+    value = jnp.stack([v.get_value() for v in variables])
+    return first.replace(value, logical_axes=None if axes is None else ("layers", *axes))
+
+
+def _stack_blocks(blocks):
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.state(block) for block in blocks]
+    return nnx.merge(graphdef, jax.tree.map(_stack_variables, *states, is_leaf=_is_variable))
+
+
+def _layer_variable(variable, i):
+    axes = variable.get_metadata().get("logical_axes")
+    return variable.replace(variable.get_value()[i], logical_axes=None if axes is None else tuple(axes[1:]))
+
+
+def _is_per_layer(path):
+    return len(path) > 1 and path[0] == "blocks" and isinstance(path[1], int)
+
+
+def _state_to_scanned(state):
+    flat = list(nnx.to_flat_state(state))
+    per_layer = [(p, v) for p, v in flat if _is_per_layer(p)]
+    if not per_layer:
+        raise ValueError("no per-layer parameters (blocks/0/...) to stack: is it scanned already?")
+    groups = {}
+    for path, var in per_layer:
+        groups.setdefault(path[2:], {})[path[1]] = var
+    stacked = []
+    for rest, by_layer in groups.items():
+        if sorted(by_layer) != list(range(len(by_layer))):
+            raise ValueError(f"blocks/*/{'/'.join(map(str, rest))}: layers {sorted(by_layer)} are not 0..L-1")
+        stacked.append((("blocks", *rest), _stack_variables(*(by_layer[i] for i in range(len(by_layer))))))
+    return nnx.from_flat_state([(p, v) for p, v in flat if not _is_per_layer(p)] + stacked)
+
+
+def _state_to_unscanned(state):
+    flat = list(nnx.to_flat_state(state))
+    stacked = [(p, v) for p, v in flat if p and p[0] == "blocks" and not _is_per_layer(p)]
+    if not stacked:
+        raise ValueError("no stacked parameters (blocks/<name> with a leading [L] axis) to split: is it "
+                         "unscanned already?")
+    num_layers = stacked[0][1].get_value().shape[0]
+    out = [(p, v) for p, v in flat if not (p and p[0] == "blocks")]
+    for i in range(num_layers):
+        out += [(("blocks", i, *p[1:]), _layer_variable(v, i)) for p, v in stacked]
+    return nnx.from_flat_state(out)
+
+
+def _convert(tree, convert_state):
+    def one(x):
+        return convert_state(x) if isinstance(x, nnx.State) and "blocks" in x else x
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def to_scanned(tree):
+    """Unscanned -> scanned layout: every `nnx.State` in `tree` with per-layer entries blocks/i/<name>
+    (params, or a whole TrainState: params and the optimizer moments that mirror them) gets one entry
+    blocks/<name> = stack over i (a new leading [L] axis, logical name `layers`).  Works on arrays and on
+    abstract ShapeDtypeStructs.  `Transformer(dataclasses.replace(cfg, scan_layers=True))` has this layout;
+    take its graphdef from `nnx.eval_shape`.  Raises ValueError on a state that is scanned already.
+    The stacked copy is a second copy of the block parameters until the input is freed."""
+    return _convert(tree, _state_to_scanned)
+
+
+def to_unscanned(tree):
+    """Scanned -> unscanned layout, the inverse of `to_scanned`: blocks/<name> [L, ...] becomes blocks/i/<name>."""
+    return _convert(tree, _state_to_unscanned)
+
+
+def convert_layers(tree, *, scan_layers: bool):
+    """`to_scanned(tree)` or `to_unscanned(tree)`, by the layout wanted."""
+    return to_scanned(tree) if scan_layers else to_unscanned(tree)
