@@ -2,6 +2,7 @@
 #   make demo   install into .venv if needed, then run the main job on the built-in corpus
 #   make test   install into .venv if needed, then run the whole test suite on 2 cores
 #   make bench  the side-by-side benchmarks; writes docs/benchmarks.md
+#   make diffusion / distillspec / cfg_distill: one experiment end to end at CPU size (docs/<name>.md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench diffusion clean
 
 install: $(STAMP)
 
@@ -30,6 +31,12 @@ test: $(STAMP)
 # writes docs/benchmarks.md, docs/bench_*.png and docs/store.md
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all --out docs
+
+# Guided + progressive diffusion distillation on the 2-D mixture and the 8x8 digits (docs/diffusion.md)
+diffusion: $(STAMP)
+	$(PY) -m experiments.guided_distill --config configs/guided_distill.py:2d --workdir workdirs/diffusion/2d
+	$(PY) -m experiments.guided_distill --config configs/guided_distill.py:digits --workdir workdirs/diffusion/digits
+	$(PY) -m benchmarks.diffusion_summary --mixture workdirs/diffusion/2d --digits workdirs/diffusion/digits
 
 clean:
 	rm -rf $(VENV) workdirs
