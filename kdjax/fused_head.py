@@ -51,11 +51,26 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import losses
+from kdjax.models.partitioning import constrain
 
 Array = jax.Array
 
 LOSS_NAMES = ("ce", "taid", *losses.LOSSES)
 LAYOUTS = ("dv", "vd")
+
+# Sharding (no-ops unless the step is traced under `kdjax.sharding.with_activation_sharding`): a chunk's
+# tokens are split like the batch, so every device works on its share of every chunk and the scan over chunks
+# never walks across devices; the logits' vocabulary is split like the head's (tensor parallelism); the
+# weight-gradient accumulator is sharded like the head itself (FSDP: each chunk's h^T @ g is reduce-scattered).
+_CV = ("activation_batch", "activation_vocab")
+_HEAD_AXES = {"dv": ("embed", "vocab"), "vd": ("vocab", "embed")}
+
+
+def _constrain_chunks(x_nc):
+    """[n, C, ...] chunked per-token arrays: C split like the batch."""
+    if x_nc is None:
+        return None
+    return constrain(x_nc, (None, "activation_batch", *([None] * (x_nc.ndim - 2))))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("w", "bias_v"), meta_fields=("layout",))
@@ -252,7 +267,7 @@ def _chunk(x_bt, n, c):
     pad = n * c - x_n.shape[0]
     if pad:
         x_n = jnp.pad(x_n, [(0, pad)] + [(0, 0)] * (x_n.ndim - 1))
-    return x_n.reshape(n, c, *x_n.shape[1:])
+    return _constrain_chunks(x_n.reshape(n, c, *x_n.shape[1:]))
 
 
 def _clean_rows(x_btd, mask_bt):
@@ -278,7 +293,7 @@ def _teacher_chunks(teacher, kd_mask_bt, n, c):
 def _teacher_signal(spec_teacher, teacher_c, teacher_head):
     """The chunk's teacher: float32 logits [C, V] (dense) or the TopkTeacher chunk as it is."""
     if spec_teacher == "dense":
-        return jax.lax.stop_gradient(head_logits(teacher_c, teacher_head))
+        return jax.lax.stop_gradient(constrain(head_logits(teacher_c, teacher_head), _CV))
     return teacher_c
 
 
@@ -324,7 +339,7 @@ def _scan(spec, layout, with_grad, h_ncd, w, bias_v, teacher_xs, teacher_head, l
 
     def body(dw, xs):
         h_cd, teacher_c, labels_c, ce_c, kd_c = xs
-        z_cv = head_logits(h_cd, head)
+        z_cv = constrain(head_logits(h_cd, head), _CV)
         signal = _teacher_signal(spec.teacher, teacher_c, teacher_head)
         objective = functools.partial(_objective, spec, signal=signal, labels_c=labels_c, ce_mask_c=ce_c,
                                       kd_mask_c=kd_c, temperature=temperature, t=t, weights=weights)
@@ -332,10 +347,11 @@ def _scan(spec, layout, with_grad, h_ncd, w, bias_v, teacher_xs, teacher_head, l
             return dw, objective(z_cv)
         (total, sums), g_cv = jax.value_and_grad(objective, has_aux=True)(z_cv)
         # The cotangent enters the backward matmuls in the compute dtype, as bf16 logits' would.
-        g_cv = g_cv.astype(grad_dtype)
-        return dw + _grad_w(h_cd, g_cv, head), (total, sums, _grad_h(g_cv, head))
+        g_cv = constrain(g_cv.astype(grad_dtype), _CV)
+        dw = constrain(dw + _grad_w(h_cd, g_cv, head), _HEAD_AXES[layout])
+        return dw, (total, sums, constrain(_grad_h(g_cv, head), ("activation_batch", "activation_embed")))
 
-    init = jnp.zeros(w.shape, jnp.float32) if with_grad else None
+    init = constrain(jnp.zeros(w.shape, jnp.float32), _HEAD_AXES[layout]) if with_grad else None
     dw, ys = jax.lax.scan(body, init, (h_ncd, teacher_xs, labels_nc, ce_mask_nc, kd_mask_nc))
     out = (jnp.sum(ys[0]), jnp.sum(ys[1], axis=0))
     return out, ((ys[2], dw) if with_grad else None)
@@ -458,7 +474,7 @@ def fused_metrics(h_btd, head, labels_bt, mask_bt, *, chunk_size, teacher=None):
     def body(carry, xs):
         h_cd, teacher_c, labels_c, mask_c = xs
         signal = None if kind == "none" else _teacher_signal(kind, teacher_c, teacher_head)
-        return carry, _metric_sums(head_logits(h_cd, head), signal, labels_c, mask_c, kind)
+        return carry, _metric_sums(constrain(head_logits(h_cd, head), _CV), signal, labels_c, mask_c, kind)
 
     xs = (_chunk(_clean_rows(h_btd, mask_bt), n, c), teacher_xs, _chunk(labels_bt, n, c), _chunk(mask_bt, n, c))
     _, per_chunk = jax.lax.scan(body, None, xs)

@@ -24,6 +24,7 @@ from flax import nnx
 
 from kdjax import checkpoint, pretrained, sharding, steps
 from kdjax.models import sampling
+from kdjax.models.partitioning import unstacked_ndim
 from kdjax.models.transformer import (REMAT_POLICIES, Transformer, TransformerConfig, convert_layers, to_scanned,
                                       to_unscanned)
 
@@ -264,11 +265,7 @@ def test_checkpoint_of_a_scanned_state_restores_and_converts(tmp_path):
 
 def layer_aware_decay_mask(params):
     """AdamW's decay mask that counts a stacked parameter's dimensions without its `layers` axis."""
-    def is_matrix(var):
-        axes = var.get_metadata().get("logical_axes") or ()
-        return var.get_value().ndim - ("layers" in axes) >= 2
-
-    return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v: unstacked_ndim(v) >= 2, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def test_training_a_scanned_model_equals_training_the_unscanned_one():

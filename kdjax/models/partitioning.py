@@ -86,3 +86,13 @@ def constrain(x, logical_axes: Sequence[Optional[str]]):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match the shape {x.shape}")
     spec = logical_to_spec(logical_axes, x.shape, rules, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def unstacked_ndim(variable) -> int:
+    """A parameter's rank without its stacked `layers` axis (a scanned model's [L, D] norm scale is a vector).
+
+    For rules that depend on a parameter's shape, e.g. AdamW's "decay matrices, not vectors":
+    ``jax.tree.map(lambda v: unstacked_ndim(v) >= 2, params, is_leaf=lambda x: isinstance(x, nnx.Variable))``.
+    """
+    axes = variable.get_metadata().get("logical_axes") or ()
+    return variable.get_value().ndim - (1 if "layers" in axes else 0)
