@@ -171,8 +171,22 @@ class Checkpointer:
         print(f"warning: checkpoint of step {step} is unusable ({problem}); moved it aside to {aside}")
         self._manager.reload()
 
+    def _verify_everywhere(self, step) -> Optional[str]:
+        """`verify` on process 0 only (hashing a large checkpoint once, not once per host), its verdict
+        shared with every process so that all fall back the same way."""
+        if jax.process_count() == 1:
+            return self.verify(step)
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        import numpy as np  # pylint: disable=g-import-not-at-top
+
+        problem = self.verify(step) if self._writer else None
+        bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+        if bad and problem is None:
+            problem = "process 0 found its files do not match the checksum written after the save"
+        return problem
+
     def _restore_one(self, step, abstract_state):
-        problem = self.verify(step)
+        problem = self._verify_everywhere(step)
         if problem is not None:
             return None, problem
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
@@ -221,7 +235,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no finished checkpoint in {self.directory}")
-        problem = self.verify(step)
+        problem = self._verify_everywhere(step)
         if problem is not None:
             raise CheckpointError(f"checkpoint of step {step} in {self.directory} is unusable: {problem}")
         item = {"params": abstract_params}
