@@ -35,6 +35,12 @@ EXTRAS_REQUIRE = {
     # torch only to compare against PyTorch / transformers; 2.13.0 exactly is the CPU wheel on disk here
     # (any looser spec downloads a multi-GB CUDA build).
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"],
+    # Accelerators: jax's own extras at the pinned version (they pull the matching runtime: libtpu 0.0.42.* for
+    # "tpu", jax-cuda12-plugin[with-cuda] 0.10.2 and the CUDA 12 wheels for "cuda12").  One line per backend:
+    #   pip install -c constraints.txt -e '.[tpu]'      Cloud TPU VMs (scripts/launch_tpu.sh setup does this)
+    #   pip install -c constraints.txt -e '.[cuda]'     NVIDIA GPUs, CUDA 12 from pip (driver >= 525)
+    "tpu": ["jax[tpu]==0.10.2"],
+    "cuda": ["jax[cuda12]==0.10.2"],
 }
 
 setup(

@@ -47,7 +47,7 @@ case $action in
     run gcloud compute tpus tpu-vm scp "$archive" "$tpu:/tmp/kdjax.tar.gz" --zone "$zone" \
       "${project_flag[@]}" --worker=all
     on_all_workers "mkdir -p $remote_dir && tar -C $remote_dir -xzf /tmp/kdjax.tar.gz && cd $remote_dir && \
-python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]'"
+python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
     ;;
   run)
     [[ $# -ge 1 ]] || usage
