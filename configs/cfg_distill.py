@@ -45,19 +45,19 @@ def get_config(arg=None):
 
     # W/classifier: the quality metric's category classifier, trained on real windows' first max_new_tokens
     # tokens (each example cut to a random length in [min_len, max_new_tokens], as generations may end early).
-    config.classifier = stage(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=20)
+    config.classifier = stage(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     config.classifier.min_len = 8
     config.classifier.model = ml_collections.ConfigDict(dict(
         num_layers=1, embed_dim=64, num_heads=2, head_dim=32, mlp_dim=128))
 
     # W/student_b<beta>: students initialised from the teacher, on-policy, one per beta (0 = the quality model).
-    config.student = stage(steps=150, batch_size=4, learning_rate=3e-4, warmup_steps=10)
+    config.student = stage(steps=200, batch_size=4, learning_rate=1e-3, warmup_steps=10)
     config.guidance = 3.0  # the CFG teacher the students imitate
     config.loss = "rkl"  # kdjax.losses.LOSSES name: rkl = KL(student || CFG teacher), the paper's direction
     config.temperature = 1.0
     config.jsd_beta = 0.5
     config.skew_alpha = 0.1
-    config.betas = (0.0, 0.1, 0.3)  # weight of the diversity reward; must include 0
+    config.betas = (0.0, 0.01, 0.05)  # weight of the diversity reward; must include 0
     # G per prompt: >= 3, since with the leave-one-out baseline 2 generations share one reward and every
     # advantage is 0 (kdjax.guidance explains); batch_size counts prompts, so a step samples batch_size x G.
     config.num_generations = 4
@@ -67,11 +67,11 @@ def get_config(arg=None):
 
     # theta(kappa) = (1 - kappa) theta_{beta=0} + kappa theta_{beta=interp_beta}.
     config.kappas = (0.0, 0.25, 0.5, 0.75, 1.0)
-    config.interp_beta = 0.3
+    config.interp_beta = 0.05
 
     config.eval = ml_collections.ConfigDict()
     config.eval.guidances = (1.0, 2.0, 3.0, 5.0)  # the CFG teacher's curve
-    config.eval.groups_per_category = 4  # prompts per category
+    config.eval.groups_per_category = 8  # prompts per category
     config.eval.generations = 8  # generations per prompt (diversity is measured within a prompt's)
     config.eval.seed = 1
 
@@ -81,7 +81,7 @@ def get_config(arg=None):
     config.grad_clip = 1.0
     config.log_every = 50
     config.eval_every = 100_000  # stages evaluate at their end
-    config.eval_batches = 8
+    config.eval_batches = 0  # the teacher's and the classifier's final evaluations: 0 = the whole validation split
     config.checkpoint_every = 200
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding_rules = (

@@ -354,18 +354,9 @@ def train_student(config, data, teacher, teacher_fingerprint, beta, workdir) -> 
     train_step = steps.jit_train_step(graphdef=spec.graphdef, tx=tx, loss_fn=objective, state_shardings=spec.shardings,
                                       batch_shardings=batch_sh, mesh=mesh, frozen_shardings=teacher_sh,
                                       accum_steps=sc.accum_steps)
-    # A fixed prompt batch and key: the objective's value on the student's own samples, comparable across steps.
-    probe = {k: np.stack([prompts[i][k] for i in range(run.local_batch_size(sc))]) for k in keys}
-    probe_loss = jax.jit(lambda params, frozen: objective(nnx.merge(spec.graphdef, params), probe,
-                                                          jax.random.key(sc.seed + 7), frozen, {}))
-
-    def run_eval(params):
-        total, count, aux = probe_loss(params, teacher.params)
-        out = {"val/objective": float(total / count)}
-        if "kd" in aux:
-            out["val/kd"] = float(aux["kd"][0] / aux["kd"][1])
-        return out
-
+    # No separate evaluation: the train metrics (kd, reward) are on the student's own fresh samples already,
+    # and the evaluation stage scores every student the same way.
+    run_eval = lambda params: {}
     _, val = run.fit(workdir, sc, spec=spec, data_iter=_train_iter(prompts, sc, keys), train_step=train_step,
                      batch_shardings=batch_sh, run_eval=run_eval, frozen=teacher.params,
                      tokens_per_step=sc.batch_size * config.num_generations * config.max_new_tokens,
@@ -477,11 +468,15 @@ class Evaluator:
         groups = [[row[p:][m[p:] > 0].tolist() for row, m in zip(tokens[i: i + g], mask[i: i + g])]
                   for i in range(0, len(tokens), g)]
         per_class = [float(np.mean(s["p_label"][self.labels == c])) for c in range(categories.num_categories())]
+        distances = guidance.pairwise_cosine_distances(s["embedding"].reshape(-1, g, s["embedding"].shape[-1]))
+        se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))
         return {
             "quality": float(np.mean(s["p_label"])),
+            "quality_se": se(s["p_label"]),
             "accuracy": float(np.mean(s["correct"])),
             "pmi": float(np.mean(s["pmi"])),
-            "diversity": guidance.pairwise_cosine_distance(s["embedding"].reshape(-1, g, s["embedding"].shape[-1])),
+            "diversity": float(np.mean(distances)),
+            "diversity_se": se(distances),
             "diversity_classifier": guidance.pairwise_cosine_distance(
                 s["features"].reshape(-1, g, s["features"].shape[-1])),
             "distinct2": guidance.distinct_n(groups, 2),
@@ -586,8 +581,8 @@ def write_results(config, workdir, rows, times, command):
     write_pareto(config, workdir, rows)
 
 
-COLUMNS = ("quality", "accuracy", "pmi", "diversity", "diversity_classifier", "distinct2", "length",
-           "forwards_per_token", "ms_per_token")
+COLUMNS = ("quality", "quality_se", "accuracy", "pmi", "diversity", "diversity_se", "diversity_classifier",
+           "distinct2", "length", "forwards_per_token", "ms_per_token")
 
 
 def results_markdown(config, record) -> str:
@@ -596,7 +591,9 @@ def results_markdown(config, record) -> str:
              "quality = mean classifier probability of the requested category; pmi = teacher log p(y|c) - log "
              "p(y|null) per token; diversity = mean pairwise 1 - cos of the teacher embedding within a prompt's "
              "generations (diversity_classifier: the classifier's features); distinct2 = distinct bigrams / "
-             "bigrams within a prompt's generations.", "",
+             "bigrams within a prompt's generations; *_se = standard errors (over generations for quality, over "
+             "prompts for diversity); ms_per_token = sampling wall time per generated token on this machine, "
+             "compilation excluded.", "",
              "| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append(f"| {r['model']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")

@@ -296,14 +296,21 @@ def interpolate_params(params_q, params_d, kappa):
 # Evaluation helpers (host numpy).
 
 
-def pairwise_cosine_distance(emb_ngd) -> float:
-    """Mean over groups of the mean over pairs i < j of 1 - cos(e_i, e_j): [N, G, D] -> float."""
+def pairwise_cosine_distances(emb_ngd) -> np.ndarray:
+    """Each group's mean over pairs i < j of 1 - cos(e_i, e_j): [N, G, D] -> [N] (float64)."""
     e = np.asarray(emb_ngd, np.float64)
     e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     g = e.shape[1]
+    if g < 2:
+        raise ValueError(f"pairwise distances need >= 2 generations per group, got {g}")
     cos = np.einsum("nid,njd->nij", e, e)
     iu = np.triu_indices(g, k=1)
-    return float(np.mean(1.0 - cos[:, iu[0], iu[1]]))
+    return np.mean(1.0 - cos[:, iu[0], iu[1]], axis=1)
+
+
+def pairwise_cosine_distance(emb_ngd) -> float:
+    """Mean over groups of `pairwise_cosine_distances`: [N, G, D] -> float."""
+    return float(np.mean(pairwise_cosine_distances(emb_ngd)))
 
 
 def distinct_n(groups: Sequence[Sequence[Sequence[int]]], n: int = 2) -> float:
