@@ -15,7 +15,10 @@ matrices, the same warm-up + cosine learning rates):
            delivers them).  PyTorch: dense teacher logits [B, T, V] precomputed in memory, the same JSD.
 
 The contenders alternate (kdjax, torch, kdjax, torch, ...) after warm-up steps, and each reports the median
-step time, so load from other processes on the machine hits both alike.
+step time, so load from other processes on the machine hits both alike.  With `rounds` > 1 the interleaved
+timing repeats (up to `max_rounds`) until the per-round ratios' spread, (max - min) / median, is at most
+`target_spread`; the result states the spread reached, the 1-minute load average before and after, and both
+contenders' thread settings.  `chunk_size` > 0 runs kdjax's fused chunked head (`loss_chunk_size`).
 """
 
 import argparse
@@ -104,7 +107,7 @@ def step_flops(size):
 # kdjax side: the library's real step on a 1-device mesh.
 
 
-def make_kdjax(size, *, mode, total_steps, seed=0):
+def make_kdjax(size, *, mode, total_steps, seed=0, chunk_size=0):
     """Returns a dict with the jitted step, its state, the teacher params, and a batch maker."""
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     rules = sharding.DEFAULT_RULES
@@ -122,7 +125,7 @@ def make_kdjax(size, *, mode, total_steps, seed=0):
     )
     teacher_params, teacher_sh = t_state.params, t_sh.params
     loss_fn = distill.make_loss_fn(
-        mode=mode, loss="jsd", hparams={"beta": BETA}, teacher_graphdef=t_graphdef
+        mode=mode, loss="jsd", hparams={"beta": BETA}, teacher_graphdef=t_graphdef, chunk_size=chunk_size
     )
     targets_fn = jax.jit(
         lambda p, tok: teacher_store.topk_targets(
@@ -251,12 +254,38 @@ def make_torch(kd, size):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run(size, *, mode="online", warmup=2, iters=6, seed=0):
-    """Interleaved timing of both sides.  Returns a dict of medians, tokens/s, ratio and the losses seen."""
+def thread_settings():
+    """Both contenders' CPU thread settings, as they run here."""
     import torch  # pylint: disable=g-import-not-at-top
 
-    total_steps = warmup + iters + 2
-    kd = make_kdjax(size, mode=mode, total_steps=total_steps, seed=seed)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return dict(
+        cpus=cpus,
+        # XLA:CPU runs each op on an intra-op pool of one thread per usable core unless XLA_FLAGS says otherwise.
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        jax_threads=f"XLA:CPU intra-op pool, {cpus} usable cores",
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+    )
+
+
+def _spread(ratios):
+    return (max(ratios) - min(ratios)) / float(np.median(ratios)) if len(ratios) > 1 else float("nan")
+
+
+def run(size, *, mode="online", warmup=2, iters=6, seed=0, chunk_size=0, rounds=1, max_rounds=None,
+        target_spread=0.15):
+    """Interleaved timing of both sides.  Returns a dict of medians, tokens/s, ratio and the losses seen.
+
+    Round 1 records the losses of its warmup + iters steps; every round times `iters` interleaved steps and
+    gives one ratio (median torch / median kdjax).  At least `rounds` rounds run, more (up to `max_rounds`)
+    while the ratios' spread exceeds `target_spread`.
+    """
+    import torch  # pylint: disable=g-import-not-at-top
+
+    max_rounds = max(rounds, max_rounds or rounds)
+    total_steps = warmup + max_rounds * iters + 2
+    kd = make_kdjax(size, mode=mode, total_steps=total_steps, seed=seed, chunk_size=chunk_size)
     pt = make_torch(kd, size)
     rng = np.random.RandomState(seed)
     tokens_np = rng.randint(0, size["vocab"], (size["batch"], size["seq_len"] + 1)).astype(np.int32)
@@ -265,22 +294,35 @@ def run(size, *, mode="online", warmup=2, iters=6, seed=0):
     # Offline PyTorch keeps the dense teacher logits in memory, as a dense-logit cache would hand them over.
     teacher_logits = pt["dense_teacher_logits"](tokens_pt) if mode == "offline" else None
     state = kd["state"]
-    kd_times, pt_times, kd_losses, pt_losses = [], [], [], []
-    for i in range(warmup + iters):
-        t0 = time.perf_counter()
-        state, metrics = kd["step"](state, batch, kd["frozen"])
-        total, count = jax.block_until_ready(metrics["loss"])
-        t1 = time.perf_counter()
-        loss_pt = pt["step"](tokens_pt, teacher_logits)
-        t2 = time.perf_counter()
-        kd_losses.append(float(total) / float(count))
-        pt_losses.append(float(loss_pt))
-        if i >= warmup:
-            kd_times.append(t1 - t0)
-            pt_times.append(t2 - t1)
+    kd_times, pt_times, kd_losses, pt_losses, round_ratios = [], [], [], [], []
+    load_before = os.getloadavg()[0]
+    while len(round_ratios) < rounds or (len(round_ratios) < max_rounds and _spread(round_ratios) > target_spread):
+        first = not round_ratios
+        kd_round, pt_round = [], []
+        for i in range((warmup if first else 0) + iters):
+            t0 = time.perf_counter()
+            state, metrics = kd["step"](state, batch, kd["frozen"])
+            total, count = jax.block_until_ready(metrics["loss"])
+            t1 = time.perf_counter()
+            loss_pt = pt["step"](tokens_pt, teacher_logits)
+            t2 = time.perf_counter()
+            if first:
+                kd_losses.append(float(total) / float(count))
+                pt_losses.append(float(loss_pt))
+            if not first or i >= warmup:
+                kd_round.append(t1 - t0)
+                pt_round.append(t2 - t1)
+        round_ratios.append(float(np.median(pt_round) / np.median(kd_round)))
+        kd_times += kd_round
+        pt_times += pt_round
     tokens = size["batch"] * size["seq_len"]
     kd_s, pt_s = float(np.median(kd_times)), float(np.median(pt_times))
     return dict(
+        round_ratios=round_ratios,
+        spread=_spread(round_ratios),
+        load=(load_before, os.getloadavg()[0]),
+        threads=thread_settings(),
+        chunk_size=chunk_size,
         mode=mode,
         kdjax_s=kd_s,
         torch_s=pt_s,
@@ -306,21 +348,32 @@ def describe(size):
 
 
 def markdown(size, results):
+    th = results[0].get("threads") or thread_settings()
     lines = [
-        f"Config: {describe(size)}. Median of {results[0]['iters']} interleaved steps after "
-        f"{results[0]['warmup']} warm-up steps.",
+        f"Config: {describe(size)}. Median of {results[0]['iters']} interleaved steps per round after "
+        f"{results[0]['warmup']} warm-up steps; rounds repeat until the per-round ratios' spread "
+        "((max - min) / median) is stated below.  Threads: kdjax "
+        f"{th['jax_threads']} (XLA_FLAGS={th['xla_flags']!r}); PyTorch torch.get_num_threads() = "
+        f"{th['torch_threads']}, interop {th['torch_interop_threads']}.",
         "",
         "| step | kdjax ms | PyTorch ms | kdjax tokens/s | PyTorch tokens/s | kdjax / PyTorch | "
-        "(fastest steps) | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "(fastest steps) | per-round ratios [spread] | load before / after | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in results:
         verdict = "met" if r["ratio"] >= 3 else f"missed by {3 / r['ratio']:.2f}x"
         label = {"online": "online KD (teacher fwd + student fwd/bwd + JSD + AdamW)",
                  "offline": f"offline KD (kdjax top-{TOPK} from store vs PyTorch dense logits)"}[r["mode"]]
+        if r.get("chunk_size"):
+            label += f", kdjax fused head (chunk {r['chunk_size']})"
+        rounds = r.get("round_ratios", [r["ratio"]])
+        spread = f"{100 * r['spread']:.0f}%" if len(rounds) > 1 else "one round"
+        load = r.get("load", (os.getloadavg()[0],) * 2)
         lines.append(
             f"| {label} | {1e3 * r['kdjax_s']:.1f} | {1e3 * r['torch_s']:.1f} | {r['kdjax_tps']:,.0f} | "
-            f"{r['torch_tps']:,.0f} | **{r['ratio']:.2f}x** | ({r['best_ratio']:.2f}x) | >= 3x: {verdict} |"
+            f"{r['torch_tps']:,.0f} | **{r['ratio']:.2f}x** | ({r['best_ratio']:.2f}x) | "
+            f"{', '.join(f'{x:.2f}' for x in rounds)} [{spread}] | "
+            f"{load[0]:.1f} / {load[1]:.1f} | >= 3x: {verdict} |"
         )
     online = [r for r in results if r["mode"] == "online"]
     if online:
@@ -339,9 +392,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--modes", default="online,offline")
+    parser.add_argument("--chunk_size", type=int, default=0, help="kdjax's fused head: tokens per chunk (0 = unfused)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max_rounds", type=int, default=0)
     args = parser.parse_args()
     size = resolve_size(args)
-    results = [run(size, mode=m, warmup=args.warmup, iters=args.iters) for m in args.modes.split(",")]
+    results = [run(size, mode=m, warmup=args.warmup, iters=args.iters, chunk_size=args.chunk_size,
+                   rounds=args.rounds, max_rounds=args.max_rounds) for m in args.modes.split(",")]
     print(markdown(size, results))
     return size, results
 
