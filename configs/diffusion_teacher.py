@@ -12,18 +12,14 @@ model size, `tiny` shrinks everything for tests (`tiny` alone is the 2-D data).
 
 import ml_collections
 
+from configs import common, lm_pretrain
+
 VARIANTS = ("2d", "digits", "tiny")
 
 
 def parse_variant(arg, *, name):
     """(data, tiny) from 'digits', '2d', 'tiny', '2d,tiny', ...; ValueError for anything else."""
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    unknown = [t for t in tokens if t not in VARIANTS]
-    if unknown or ("2d" in tokens and "digits" in tokens) or len(set(tokens)) != len(tokens):
-        raise ValueError(
-            f"unknown config argument {arg!r} for {name}; expected a comma-separated subset of {VARIANTS} "
-            "with at most one of '2d' and 'digits'"
-        )
+    tokens = common.variants(arg, VARIANTS, name=name, exclusive=(("2d", "digits"),))
     tiny = "tiny" in tokens
     data = "digits" if "digits" in tokens else "2d" if ("2d" in tokens or tiny) else "digits"
     return data, tiny
@@ -56,21 +52,12 @@ def common_keys(config):
     config.log_every = 200
     config.eval_every = 1000
     config.checkpoint_every = 1000
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.sharding_rules = (
-        ("batch", ("data", "fsdp")),
-        ("vocab", None),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("layers", None),
-    )
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.coordinator_address = ""
-    config.distributed.num_processes = 1
-    config.distributed.process_id = 0
+    # The mesh, its rules and the multi-process settings are the LM experiments' (one definition), except that
+    # the class-embedding tables (logical axis "vocab") are tiny here and stay replicated.
+    base = lm_pretrain.get_config()
+    config.mesh = base.mesh
+    config.sharding_rules = tuple((k, None if k == "vocab" else v) for k, v in base.sharding_rules)
+    config.distributed = base.distributed
     config.debug_sleep_per_step = 0.0  # tests only: slow a run down to kill it mid-way
     config.allow_resume_changes = ""
     return config

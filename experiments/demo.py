@@ -22,7 +22,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,20 +34,6 @@ from kdjax.metrics import read_metrics
 
 def slug(name):
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def timed(workdir, fn):
-    """Runs fn(); the first completed run's wall time is kept in W/wall_time.json, so a rerun that only
-    resumes reports the original cost."""
-    path = os.path.join(workdir, "wall_time.json")
-    t0 = time.perf_counter()
-    result = fn()
-    if not os.path.exists(path):
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"seconds": time.perf_counter() - t0}, f)
-    with open(path) as f:
-        return result, json.load(f)["seconds"]
 
 
 def teacher_dir(config, workdir):
@@ -88,12 +73,13 @@ def run_demo(config, workdir):
     """Every stage, then the tables; returns the results dict written to W/results.json."""
     teacher = teacher_dir(config, workdir)
     print(f"== 1/3 teacher ({teacher})")
-    _, teacher_s = timed(teacher, lambda: lm_pretrain.train(config.teacher, teacher))
+    teacher_s = run.timed_once(teacher, lambda: lm_pretrain.train(config.teacher, teacher))[1]["seconds"]
 
     print("== 2/3 teacher store over the transfer set")
     pc = store_config(config, teacher)
     store_root = os.path.join(workdir, "store")
-    manifest, store_s = timed(store_root, lambda: precompute_teacher.precompute(pc, store_root))
+    manifest, store_time = run.timed_once(store_root, lambda: precompute_teacher.precompute(pc, store_root))
+    store_s = store_time["seconds"]
     store = precompute_teacher.store_path(store_root, pc)
 
     print(f"== 3/3 students: {len(config.runs)} methods x {len(config.seeds)} seeds")
@@ -101,7 +87,7 @@ def run_demo(config, workdir):
         for seed in config.seeds:
             print(f"-- {name}, seed {seed}")
             path = run_dir(workdir, name, seed)
-            timed(path, lambda: lm_distill.train(student_config(config, mode, loss, seed, teacher, store), path))
+            run.timed_once(path, lambda: lm_distill.train(student_config(config, mode, loss, seed, teacher, store), path))
     results = tabulate(config, workdir, teacher=teacher, teacher_s=teacher_s, manifest=manifest, store_s=store_s)
     write_outputs(config, workdir, results)
     return results
@@ -140,12 +126,18 @@ def mean_sd(values):
 
 
 def compare(method, baseline):
-    """Difference of means, its standard error (Welch: sqrt(s1^2/n1 + s2^2/n2)), and whether |diff| > 2 SE."""
+    """Difference of means, its standard error (Welch: sqrt(s1^2/n1 + s2^2/n2)), whether |diff| > 2 SE (the
+    table's rule), and Welch's two-sided t-test p-value, shown beside it: with 3 seeds per side the t
+    distribution has few degrees of freedom, so 2 SE alone is a lenient bar (about 1 in 10 null differences
+    passes it); the p-value says how lenient."""
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+
     a, b = method, baseline
     diff = statistics.fmean(a) - statistics.fmean(b)
     var = lambda x: statistics.variance(x) if len(x) > 1 else 0.0
     se = math.sqrt(var(a) / len(a) + var(b) / len(b))
-    return diff, se, abs(diff) > 2 * se and se > 0
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if se > 0 else float("nan")
+    return diff, se, abs(diff) > 2 * se and se > 0, p
 
 
 def cost_model(config, mode, loss, manifest):
@@ -174,9 +166,9 @@ def tabulate(config, workdir, *, teacher, teacher_s, manifest, store_s):
         ppl = [s["perplexity"] for s in r["seeds"].values()]
         summary = {key: mean_sd([s[key] for s in r["seeds"].values()])
                    for key in ("perplexity", "kl", "top1_agreement", "acceptance", "step_s", "wall_s")}
-        diff, se, significant = compare(ppl, base)
+        diff, se, significant, p_value = compare(ppl, base)
         teacher_fwd, sampling = cost_model(config, r["mode"], r["loss"], manifest)
-        r.update(summary=summary, diff=diff, diff_se=se, significant=significant and r is not runs[0],
+        r.update(summary=summary, diff=diff, diff_se=se, significant=significant and r is not runs[0], p_value=p_value,
                  relative=diff / statistics.fmean(base), teacher_forwards_per_token=teacher_fwd,
                  sampling_forwards_per_token=sampling,
                  store_bytes=manifest["total_bytes"] if r["mode"] == "offline" and r["loss"] != "ce" else 0)
@@ -221,7 +213,7 @@ def markdown(config, results):
             vs = "—"
         else:
             mark = " **(significant)**" if r["significant"] else " (within noise)"
-            vs = f"{r['diff']:+.1f} ± {r['diff_se']:.1f} ({100 * r['relative']:+.1f}%){mark}"
+            vs = f"{r['diff']:+.1f} ± {r['diff_se']:.1f} ({100 * r['relative']:+.1f}%, p = {r['p_value']:.2g}){mark}"
         lines.append(
             f"| {r['name']} | {_pm(*m['perplexity'], '.1f')} | {vs} | {_pm(*m['kl'], '.3f')} | "
             f"{_pm(*m['top1_agreement'], '.3f')} | {_pm(*m['acceptance'], '.3f')} |"
@@ -229,7 +221,8 @@ def markdown(config, results):
     lines += [
         "",
         "A difference from CE only is significant when |difference| > 2 standard errors of the difference "
-        "(sqrt(s_a^2/n + s_b^2/n) over the seeds).",
+        "(sqrt(s_a^2/n + s_b^2/n) over the seeds); p is Welch's two-sided t-test on the same seeds (with 3 "
+        "seeds a side, 2 SE is a lenient bar: read p beside it).",
         "",
         "## What each method costs",
         "",

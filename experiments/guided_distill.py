@@ -64,6 +64,9 @@ def validate(config):
                 "min_steps < start_steps (each stage halves N)")
         for name in ("stage1", "stage2"):
             p.run(run.check_common, _ProblemsProxy(p, name), stage_run_config(config, name))
+            weighting = config[name].get("weighting")
+            p.check(weighting in diffusion.WEIGHTINGS,
+                    f"{name}.weighting={weighting!r}; expected one of {diffusion.WEIGHTINGS}")
         ladder = set(halvings(config)) if not p.items else set()
         for n in config.eval.student_steps:
             p.check(not ladder or n in ladder, f"eval.student_steps has {n}, not a stage-2 step count {sorted(ladder)}")
@@ -163,17 +166,6 @@ def _has_checkpoint(workdir):
     return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
 
 
-def timed(workdir, fn):
-    """fn() once; W/wall_time.json keeps the first run's seconds and the machine load then."""
-    path = os.path.join(workdir, "wall_time.json")
-    load0, t0 = os.getloadavg()[0], time.perf_counter()
-    result = fn()
-    if not os.path.exists(path) and jax.process_index() == 0:
-        hostio.write_json_atomically(path, {"seconds": time.perf_counter() - t0, "load_start": load0,
-                                            "load_end": os.getloadavg()[0]})
-    return result, hostio.read_json(path)
-
-
 def train_all(config, workdir):
     """Teacher (unless given), classifier (images), stage 1, the stage-2 halvings.  Returns the stage dirs."""
     mesh, rules = sharding.make_mesh(config.mesh), tuple(config.sharding_rules)
@@ -181,12 +173,12 @@ def train_all(config, workdir):
     times = {}
     if not config.teacher_workdir:
         print("== teacher")
-        _, times["teacher"] = timed(teacher_dir, lambda: teacher_lib.train(config.teacher, teacher_dir))
+        _, times["teacher"] = run.timed_once(teacher_dir, lambda: teacher_lib.train(config.teacher, teacher_dir))
     data = images.load_from_config(_data_config(config, teacher_dir))
     if data.mixture is None:
         print("== classifier")
         clf_dir = os.path.join(teacher_dir, "classifier")
-        _, times["classifier"] = timed(clf_dir, lambda: teacher_lib.train_classifier(config.teacher, clf_dir))
+        _, times["classifier"] = run.timed_once(clf_dir, lambda: teacher_lib.train_classifier(config.teacher, clf_dir))
     teacher_cfg = teacher_lib.load_model_config(teacher_dir)
     student_cfg = teacher_cfg.__class__(**{**teacher_cfg.__dict__, "guidance_embed": True, "w_scale": config.w_max})
     teacher = teacher_lib.load_params(teacher_dir, lambda r: Denoiser(teacher_cfg, rngs=r), mesh=mesh, rules=rules)
@@ -202,7 +194,7 @@ def train_all(config, workdir):
 
     loss = stage1_loss_fn(student_cfg, teacher[0], teacher_cfg, w_min=config.w_min, w_max=config.w_max,
                           weighting=s1.weighting)
-    _, times["stage1"] = timed(s1_dir, lambda: train_stage(s1, s1_dir, data=data, student_cfg=student_cfg,
+    _, times["stage1"] = run.timed_once(s1_dir, lambda: train_stage(s1, s1_dir, data=data, student_cfg=student_cfg,
                                                            teacher=teacher, loss_fn=loss, init_params=stage1_init,
                                                            desc="stage 1"))
     dirs, prev_dir = {config.stage2.start_steps: s1_dir}, s1_dir
@@ -213,7 +205,7 @@ def train_all(config, workdir):
         stage_dir = os.path.join(workdir, f"stage2_n{n}")
         loss = stage2_loss_fn(student_cfg, prev[0], num_student_steps=n, w_min=config.w_min, w_max=config.w_max,
                               weighting=sc.weighting)
-        _, times[f"stage2_n{n}"] = timed(stage_dir, lambda: train_stage(
+        _, times[f"stage2_n{n}"] = run.timed_once(stage_dir, lambda: train_stage(
             sc, stage_dir, data=data, student_cfg=student_cfg, teacher=prev, loss_fn=loss,
             init_params=lambda: _copy(prev[1]), desc=f"stage 2 n={n}"))
         dirs[n], prev_dir = stage_dir, stage_dir

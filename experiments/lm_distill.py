@@ -51,6 +51,8 @@ def validate(config, overridden=()):
         p.check(0 <= config.on_policy_fraction <= 1,
                 f"on_policy_fraction must be in [0, 1], got {config.on_policy_fraction}")
         p.check(config.loss_chunk_size >= 0, f"loss_chunk_size must be >= 0, got {config.loss_chunk_size}")
+        p.check(not (config.loss == "tvdpp" and config.loss_chunk_size),
+                "tvdpp has no fused chunked path: set loss_chunk_size=0")
         p.check(config.topk_tail in losses.TAILS, f"topk_tail must be one of {losses.TAILS}, got {config.topk_tail!r}")
         if config.mode in ("on_policy", "seqkd", "teacher_generated"):
             p.check(1 <= config.prompt_len < config.data.seq_len,
@@ -89,18 +91,21 @@ def validate(config, overridden=()):
             p.run(hf.check_export_dir, config.export_hf_dir)
 
 
-def _vocabulary(config, tokenizer, source: str) -> int:
-    """The vocabulary the run uses: the one `source` (a teacher or a store) defines; data.vocab_size may be
-    0 (take it) or equal; any other value is a conflict naming both."""
+def _vocabulary(config, model_vocab: int, tokenizer, source: str) -> int:
+    """The vocabulary (logit width) the run uses: the one `source` (a teacher, a pretrained student or a store)
+    defines.  A Hugging Face model may have more embedding rows than its tokenizer has ids (Qwen2: 151,936
+    rows, 151,665 ids): the student's logits must be as wide as the teacher's, so the model's count is the
+    vocabulary.  data.vocab_size may be 0 (take it) or equal; any other value is a conflict naming both."""
     want = config.data.vocab_size
-    if want and want != tokenizer.vocab_size:
+    if want and want != model_vocab:
         raise run.ConfigError(
-            f"vocabulary conflict: {source} defines vocab size {tokenizer.vocab_size} (its tokenizer.json) but "
-            f"--config.data.vocab_size={want}; drop the setting (0 takes the {source.split()[0]}'s) or use a "
-            "teacher with that vocabulary"
+            f"vocabulary conflict: {source} defines vocab size {model_vocab} (its tokenizer has "
+            f"{tokenizer.vocab_size} ids) but --config.data.vocab_size={want}; drop the setting (0 takes the "
+            f"{source.split()[0]}'s) or use a teacher with that vocabulary"
         )
-    print(f"vocabulary: {tokenizer.vocab_size} ids and the tokenizer from {source}")
-    return tokenizer.vocab_size
+    ids = "" if tokenizer.vocab_size == model_vocab else f" (its tokenizer has {tokenizer.vocab_size} ids)"
+    print(f"vocabulary: {model_vocab} ids{ids} and the tokenizer from {source}")
+    return model_vocab
 
 
 def load_models(config, mesh, rules):
@@ -120,27 +125,30 @@ def load_models(config, mesh, rules):
 
 
 def load_data(config, teacher, init):
-    """The corpus read with the tokenizer of the teacher (else the pretrained student's, else the store's,
-    else a tokenizer trained for data.vocab_size)."""
+    """(the corpus, the vocabulary size): read with the tokenizer of the teacher (else the pretrained
+    student's, else the store's, else a tokenizer trained for data.vocab_size)."""
     source = teacher or init
     if source is not None:
-        vocab = _vocabulary(config, source.tokenizer, f"{'teacher' if teacher else 'student'} {source.source}")
-        return text_data.load_from_config(config.data, tokenizer=source.tokenizer, vocab_size=vocab)
+        vocab = _vocabulary(config, source.config.vocab_size, source.tokenizer,
+                            f"{'teacher' if teacher else 'student'} {source.source}")
+        data = text_data.load_from_config(config.data, tokenizer=source.tokenizer,
+                                          vocab_size=source.tokenizer.vocab_size)
+        return data, vocab
     if config.mode == "offline" and config.loss != "ce":
         try:
-            path = teacher_store.store_tokenizer_path(config.store_dir)
+            tokenizer, manifest = teacher_store.store_tokenizer(config.store_dir)
         except FileNotFoundError as e:
             raise run.ConfigError(str(e)) from None
-        from kdjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-
-        vocab = _vocabulary(config, Tokenizer.from_file(path), f"store {config.store_dir}")
-        return text_data.load_from_config(config.data, tokenizer_path=path, vocab_size=vocab)
+        vocab = _vocabulary(config, manifest["vocab_size"], tokenizer, f"store {config.store_dir}")
+        data = text_data.load_from_config(config.data, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
+        return data, vocab
     if not config.data.vocab_size:
         raise run.ConfigError("no teacher or store defines the vocabulary: set --config.data.vocab_size")
-    return text_data.load_from_config(config.data)
+    data = text_data.load_from_config(config.data)
+    return data, data.tokenizer.vocab_size
 
 
-def open_stores(config, data, teacher):
+def open_stores(config, data, vocab, teacher):
     """(train source, eval source): the stores joined to the data by example id, each checked first to be
     written by this teacher (when one is configured), with this tokenizer, over exactly these examples."""
 
@@ -152,7 +160,7 @@ def open_stores(config, data, teacher):
             dataset=precompute_teacher.dataset_id(config.data, data),
             split=split,
             tokenizer_fingerprint=data.tokenizer.fingerprint,
-            vocab_size=data.tokenizer.vocab_size,
+            vocab_size=vocab,
             token_source=examples,
         )
         return teacher_store.StoreSource(examples, store)
@@ -238,14 +246,14 @@ def train(config, workdir: str, *, overridden=()) -> dict:
     validate(config, overridden)
     mesh, rules = sharding.make_mesh(config.mesh), tuple(config.sharding_rules)
     teacher, init = load_models(config, mesh, rules)
-    data = load_data(config, teacher, init)
+    data, vocab = load_data(config, teacher, init)
     print(data.description)
-    train_source, eval_source = open_stores(config, data, teacher)
+    train_source, eval_source = open_stores(config, data, vocab, teacher)
     if init is not None:
         model_cfg = init.config  # the loaded student's own architecture (validate() refused model.* overrides)
     else:
-        model_cfg = run.new_model_config(config.model, vocab_size=data.tokenizer.vocab_size,
-                                         max_len=config.data.seq_len)
+        model_cfg = run.new_model_config(config.model, vocab_size=vocab, max_len=config.data.seq_len)
+    pretrained.check_model_files(workdir, model_cfg)  # before anything is written
     run.prepare_workdir(workdir, config)
     pretrained.save_model_files(workdir, model_cfg, data.tokenizer)
     print(

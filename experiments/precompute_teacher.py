@@ -50,14 +50,25 @@ def validate(config):
 
 
 def load_teacher(config, mesh, rules):
-    """(graphdef, params, tokenizer, source) of config.teacher (kdjax work dir or HF directory); Nones when
-    neither is given (the :tiny config's random teacher)."""
+    """(teacher, vocabulary size): config.teacher loaded into shardings (None for the :tiny config's random
+    teacher), and the logit width the store is written for (the teacher model's: an HF model may have more
+    embedding rows than its tokenizer has ids).  data.vocab_size may be 0 (take it) or equal."""
     teacher = pretrained.load_model(
         workdir=config.teacher.workdir, hf_path=config.teacher.hf_path, mesh=mesh, rules=rules, what="teacher"
     )
+    want = config.data.vocab_size
     if teacher is None:
-        return None, None, None, None
-    return teacher.graphdef, teacher.params, teacher.tokenizer, teacher.source
+        if not want:
+            raise run.ConfigError("a random teacher (no teacher.workdir / hf_path) needs --config.data.vocab_size")
+        return None, want
+    vocab = teacher.config.vocab_size
+    if want and want != vocab:
+        raise run.ConfigError(
+            f"vocabulary conflict: teacher {teacher.source} defines vocab size {vocab} but "
+            f"--config.data.vocab_size={want}; drop the setting (0 takes the teacher's)"
+        )
+    print(f"vocabulary: {vocab} ids and the tokenizer from teacher {teacher.source}")
+    return teacher, vocab
 
 
 def _random_teacher(config, vocab_size, mesh, rules):
@@ -70,36 +81,41 @@ def _random_teacher(config, vocab_size, mesh, rules):
     return graphdef, params
 
 
+def store_manifest(config, data, params, vocab, teacher) -> dict:
+    """What the store records about where it came from (see `teacher_store.store_identity`)."""
+    return {
+        "teacher_fingerprint": teacher_store.params_fingerprint(params),
+        "teacher": teacher_store.teacher_record(
+            workdir=config.teacher.workdir,
+            hf_path=config.teacher.hf_path,
+            description="" if teacher else f"random init, seed {config.seed}",
+        ),
+        "vocab_size": vocab,
+        "eos_token": data.tokenizer.eos_token,  # a student without the teacher reads the data with it
+        "dataset": dataset_id(config.data, data),
+        "split": config.split,
+        "seq_len": config.data.seq_len,
+    }
+
+
 def precompute(config, workdir: str) -> dict:
     """Writes (or completes) the store; returns its manifest (None on a process that is not last)."""
     validate(config)
     rules = tuple(config.sharding_rules)
     # Each process runs the teacher on its own devices over the shards it owns.
     mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
-    graphdef, params, tokenizer, source_dir = load_teacher(config, mesh, rules)
-    if tokenizer is not None:
-        if config.data.vocab_size and config.data.vocab_size != tokenizer.vocab_size:
-            raise run.ConfigError(
-                f"vocabulary conflict: teacher {source_dir} defines vocab size {tokenizer.vocab_size} but "
-                f"--config.data.vocab_size={config.data.vocab_size}; drop the setting (0 takes the teacher's)"
-            )
-        print(f"vocabulary: {tokenizer.vocab_size} ids and the tokenizer from teacher {source_dir}")
-    elif not config.data.vocab_size:
-        raise run.ConfigError("a random teacher (no teacher.workdir / hf_path) needs --config.data.vocab_size")
-    vocab = tokenizer.vocab_size if tokenizer else config.data.vocab_size
+    teacher, vocab = load_teacher(config, mesh, rules)
     if config.k > vocab:
         raise run.ConfigError(f"k={config.k} exceeds the vocabulary ({vocab} ids)")
     if os.path.isfile(workdir):
         raise run.ConfigError(f"work directory {workdir!r} exists and is a file, not a directory")
     data = text_data.load_from_config(
         config.data,
-        tokenizer_path=os.path.join(source_dir, "tokenizer.json") if tokenizer else None,
-        vocab_size=vocab,
+        tokenizer=teacher.tokenizer if teacher else None,
+        vocab_size=teacher.tokenizer.vocab_size if teacher else vocab,
     )
     print(data.description)
-    if graphdef is None:
-        graphdef, params = _random_teacher(config, data.tokenizer.vocab_size, mesh, rules)
-    source = data.train if config.split == "train" else data.validation
+    graphdef, params = (teacher.graphdef, teacher.params) if teacher else _random_teacher(config, vocab, mesh, rules)
     tokens_sharding = sharding.batch_sharding(mesh, rules, 2)
 
     def logits_fn(teacher_params, tokens_bt):
@@ -107,28 +123,16 @@ def precompute(config, workdir: str) -> dict:
         tokens_bt = jax.lax.with_sharding_constraint(tokens_bt, tokens_sharding)
         return nnx.merge(graphdef, teacher_params)(tokens_bt)
 
-    manifest = {
-        "teacher_fingerprint": teacher_store.params_fingerprint(params),
-        "teacher": teacher_store.teacher_record(
-            workdir=config.teacher.workdir,
-            hf_path=config.teacher.hf_path,
-            description="" if source_dir else f"random init, seed {config.seed}",
-        ),
-        "vocab_size": data.tokenizer.vocab_size,
-        "dataset": dataset_id(config.data, data),
-        "split": config.split,
-        "seq_len": config.data.seq_len,
-    }
     manifest = teacher_store.write_store(
         store_path(workdir, config),
-        source=source,
+        source=data.train if config.split == "train" else data.validation,
         logits_fn=logits_fn,
         params=params,
         tokenizer=data.tokenizer,
         k=config.k,
         batch_size=config.batch_size,
         examples_per_shard=config.examples_per_shard,
-        manifest=manifest,
+        manifest=store_manifest(config, data, params, vocab, teacher),
         logprob_dtype=config.logprob_dtype,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

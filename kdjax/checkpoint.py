@@ -115,10 +115,9 @@ class Checkpointer:
         step_dir = self.step_dir(step)
         try:
             digest, sizes = hostio.hash_directory(step_dir, exclude=(RECORD,))
-            if os.path.isdir(step_dir):
-                hostio.write_json_atomically(
-                    os.path.join(step_dir, RECORD), {"step": step, "sha256": digest, "files": sizes}
-                )
+            hostio.write_json_atomically(
+                os.path.join(step_dir, RECORD), {"step": step, "sha256": digest, "files": sizes}, make_parents=False
+            )
         except FileNotFoundError:  # max_to_keep removed the step meanwhile: nothing to record
             pass
 
@@ -185,16 +184,39 @@ class Checkpointer:
             problem = "process 0 found its files do not match the checksum written after the save"
         return problem
 
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process (every process gets the same answer, so all act alike)."""
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        import numpy as np  # pylint: disable=g-import-not-at-top
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
     def _restore_one(self, step, abstract_state):
+        """((state, data), None), or (None, why the checkpoint is damaged), or raises CheckpointError when it
+        cannot be restored although its files are intact (the damage is elsewhere: leave the files alone)."""
         problem = self._verify_everywhere(step)
         if problem is not None:
             return None, problem
+        recorded = os.path.exists(os.path.join(self.step_dir(step), RECORD))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        error, restored = None, None
         try:
             restored = self._manager.restore(step, args=args)
-        except Exception as e:  # pylint: disable=broad-except  (any failure to read means: not usable)
-            return None, f"it cannot be read ({_first_line(e)})"
-        if not _all_finite(restored["state"]):
+        except Exception as e:  # pylint: disable=broad-except  (classified below)
+            error = e
+        if self._any_process(error is not None):
+            why = _first_line(error) if error is not None else "on another process"
+            if recorded:
+                # The bytes are the ones written: an I/O error, memory, a changed state structure or orbax
+                # version, not a damaged checkpoint.  Moving it aside would throw good work away.
+                raise CheckpointError(
+                    f"checkpoint of step {step} in {self.directory} matches its checksum but cannot be restored "
+                    f"into this run's state ({why}); nothing was moved"
+                ) from error
+            return None, f"it cannot be read and has no checksum record to tell why ({why})"
+        if self._any_process(not _all_finite(restored["state"])):
             return None, "it holds non-finite values"
         return (restored["state"], restored["data"]), None
 
@@ -205,7 +227,8 @@ class Checkpointer:
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with `.sharding` set (`StateSpec.abstract`
         from `kdjax.steps.train_state_spec`); arrays come back directly sharded, on any mesh.  Without
         `step`, a damaged newest checkpoint is moved aside (with a warning) and the next one is tried.
-        Raises CheckpointError when no checkpoint is usable, or the requested `step` is damaged.
+        Raises CheckpointError when no checkpoint is usable, when the requested `step` is damaged, or when an
+        intact checkpoint (its checksum matches) cannot be restored into this state: then nothing is moved.
         """
         if step is not None:
             result, problem = self._restore_one(step, abstract_state)

@@ -31,7 +31,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomically(path: str | os.PathLike, data: bytes | Callable[[Any], None]) -> None:
+def write_atomically(path: str | os.PathLike, data: bytes | Callable[[Any], None], *, make_parents=True) -> None:
     """Writes `path` via a temporary file in the same directory, fsync and `os.replace`.
 
     A process killed mid-write leaves at most a stray `.<name>.*.tmp` file, never a truncated `path`;
@@ -40,9 +40,12 @@ def write_atomically(path: str | os.PathLike, data: bytes | Callable[[Any], None
     Args:
       path: destination; parent directories are created.
       data: the bytes, or a function that writes them to a binary file object.
+      make_parents: create missing parent directories; False raises FileNotFoundError instead (a record that
+        must not resurrect a directory someone else just removed).
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -61,10 +64,11 @@ def write_atomically(path: str | os.PathLike, data: bytes | Callable[[Any], None
     fsync_dir(path.parent)
 
 
-def write_json_atomically(path: str | os.PathLike, obj: Any, *, indent: int = 1, sort_keys: bool = True) -> None:
+def write_json_atomically(path: str | os.PathLike, obj: Any, *, indent: int = 1, sort_keys: bool = True,
+                          make_parents=True) -> None:
     """`obj` as JSON (trailing newline) at `path`, atomically (see `write_atomically`)."""
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
-    write_atomically(path, text.encode("utf-8"))
+    write_atomically(path, text.encode("utf-8"), make_parents=make_parents)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -105,6 +105,7 @@ def train_loop(
         return state, run_eval(state.params)
     check_state = jax.jit(steps.tree_all_finite)
     pending, window, window_steps, t0, val = [], None, 0, time.perf_counter(), None
+    reset_clock = False
     bar = progress_bar(range(start, total_steps), initial=start, total=total_steps, desc=desc)
     for step in bar:
         state, metrics = train_step(state, to_device(next(data_iter), batch_shardings), frozen)
@@ -124,7 +125,8 @@ def train_loop(
             m.pop("nonfinite", None)
             writer.write(done, {**{f"train/{k}": v for k, v in m.items()}, "train/tokens_per_s": rate})
             bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
-            window, window_steps, t0 = None, 0, time.perf_counter()
+            window, window_steps = None, 0
+            reset_clock = True
         if done % eval_every == 0 or done == total_steps:
             val = run_eval(state.params)
             writer.write(done, val)
@@ -136,4 +138,6 @@ def train_loop(
                     f"{checkpointer.describe_latest()}"
                 )
             checkpointer.save(done, state, data_iter.get_state(), force=done == total_steps)
+        if reset_clock:  # after evaluation and saving: the next window times training steps only
+            t0, reset_clock = time.perf_counter(), False
     return state, val

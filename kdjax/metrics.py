@@ -26,9 +26,8 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if os.path.exists(self.path):
-            kept = [
-                line for line in open(self.path) if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            # A run killed mid-write can leave a torn last line: it is dropped like any record past the resume.
+            kept = [json.dumps(r) + "\n" for r in _parse(open(self.path)) if r["step"] <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -51,7 +50,20 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _parse(lines):
+    """Complete JSON records of `lines`; a torn or empty line (a process killed mid-write) is skipped."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            out.append(record)
+    return out
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of W/metrics.jsonl, in order."""
+    """The records of W/metrics.jsonl, in order (a torn last line from a killed process is skipped)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return _parse(f)

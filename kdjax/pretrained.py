@@ -48,12 +48,11 @@ class ArchitectureMismatchError(ValueError):
     """A work directory already describes another model."""
 
 
-def save_model_files(workdir: str, model_config: TransformerConfig, tokenizer: Tokenizer):
-    """Writes model_config.json, tokenizer.json and tokenizer_config.json (which keeps a non-default EOS) next
-    to the checkpoints, on process 0.
+def check_model_files(workdir: str, model_config: TransformerConfig):
+    """Raises ArchitectureMismatchError if the work directory's model_config.json describes another model.
 
-    An existing different model_config.json is an error, never overwritten: the work directory's checkpoints
-    (and anyone using it as a teacher) depend on it.
+    Experiments call it before recording their config (`run.prepare_workdir`), so a refused architecture
+    change leaves the directory exactly as it was.
     """
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
     new = dataclasses.asdict(model_config)
@@ -66,6 +65,18 @@ def save_model_files(workdir: str, model_config: TransformerConfig, tokenizer: T
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ArchitectureMismatchError(f"{path} describes another architecture (differs in {diff}); not replacing it")
+
+
+def save_model_files(workdir: str, model_config: TransformerConfig, tokenizer: Tokenizer):
+    """Writes model_config.json, tokenizer.json and tokenizer_config.json (which keeps a non-default EOS) next
+    to the checkpoints, on process 0.
+
+    An existing different model_config.json is an error (`check_model_files`), never overwritten: the work
+    directory's checkpoints (and anyone using it as a teacher) depend on it.
+    """
+    check_model_files(workdir, model_config)
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    new = dataclasses.asdict(model_config)
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)

@@ -8,6 +8,7 @@
     train_iterator(source, config)           this process's share of the global batch, checkpointable
     eval_batches(source, config)             this process's rows of the validation set, padded
     fit(...)                                 init-or-restore, the train loop, metrics, checkpoints; closes all
+    timed_once(workdir, fn)                  fn() with its first completed run's wall time kept in W
 
 An experiment reads: validate -> load data and models -> prepare_workdir -> build the step -> fit.  Nothing
 is written to the work directory before prepare_workdir, which runs only after validation, so a rejected
@@ -27,8 +28,8 @@ from kdjax.models.transformer import TransformerConfig
 
 CONFIG_FILE = "config.json"
 
-# Config keys that do not change what a run computes, only how it is logged, saved or laid out (a mesh
-# change reorders float reductions and nothing else).  Anything else differing on resume needs
+# Config keys that do not change what a run computes, only how it is logged, saved or laid out (a mesh or
+# chunking change reorders float reductions and nothing else).  Anything else differing on resume needs
 # --config.allow_resume_changes.
 NON_TRAJECTORY_KEYS = (
     "log_every",
@@ -42,6 +43,7 @@ NON_TRAJECTORY_KEYS = (
     "distributed.*",
     "mesh.*",
     "sharding_rules",
+    "loss_chunk_size",  # the fused chunked head: same values, another summation order
 )
 
 
@@ -324,3 +326,19 @@ def fit(
         ckpt.close()
         if writer is not None:
             writer.close()
+
+
+def timed_once(workdir: str, fn: Callable):
+    """(fn(), record): W/wall_time.json keeps the seconds and the machine's load of the first run of fn that
+    completed, so a rerun that only resumes or re-tabulates reports the original cost."""
+    import time  # pylint: disable=g-import-not-at-top
+
+    path = os.path.join(workdir, "wall_time.json")
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    result = fn()
+    if not os.path.exists(path) and jax.process_index() == 0:
+        hostio.write_json_atomically(
+            path, {"seconds": time.perf_counter() - t0, "load_start": load0, "load_end": os.getloadavg()[0]}
+        )
+    return result, hostio.read_json(path)
+

@@ -222,9 +222,9 @@ def train_step(
     """
     objective_spec = as_objective(loss_fn)
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    # prepare's key does not depend on accum_steps (the targets must not); split(., 1)[0] is the key sampling
-    # used when it lived in the loss with one microbatch, so earlier on-policy runs are reproduced exactly.
-    prep_rng = jax.random.split(step_rng, 1)[0]
+    # prepare's key is its own (never a microbatch's, whose keys split step_rng) and does not depend on
+    # accum_steps: the targets must not.
+    prep_rng = jax.random.fold_in(step_rng, 1)
     prep_aux = {}
     if objective_spec.prepare is not None:
         model = nnx.merge(graphdef, jax.lax.stop_gradient(state.params))

@@ -258,6 +258,19 @@ def store_tokenizer_path(path):
     return tokenizer_path
 
 
+def store_tokenizer(path):
+    """(Tokenizer, identity): the tokenizer a store's examples were tokenized with, with the EOS token its
+    writer recorded, and the store's identity (config.json; `vocab_size` is the teacher's logit width).
+
+    Raises FileNotFoundError (naming the store and its teacher's flag) when the store keeps no tokenizer.
+    """
+    from kdjax.data.tokenizer import EOS, Tokenizer  # pylint: disable=g-import-not-at-top
+
+    tokenizer_path = store_tokenizer_path(path)
+    identity = _read_identity(path)
+    return Tokenizer.from_file(tokenizer_path, eos_token=identity.get("eos_token", EOS)), identity
+
+
 def store_origin(path, manifest):
     """One sentence for error messages: which teacher, tokenizer and data a store was written from,
     with the flag that selects its teacher."""
@@ -1246,8 +1259,8 @@ def _shard_data_problems(manifest, shard, data, token_source):
     if data["teacher_ids"].size and data["teacher_ids"].max() >= manifest["vocab_size"]:
         problems.append(f"shard {name} has ids >= vocab_size")
     for field in ("teacher_logprobs", "teacher_label_logprob", "teacher_tail_logprob"):
-        if np.any(data[field].astype(np.float32) > 1e-3):  # bf16 rounding of ~0 stays <= 0
-            problems.append(f"shard {name} has positive {field}")
+        if np.any(~(data[field].astype(np.float32) <= 1e-3)):  # bf16 rounding of ~0 stays <= 0; NaN fails
+            problems.append(f"shard {name} has positive or NaN {field}")
     if token_source is not None:
         want = tokens_checksum(np.stack([token_source[i]["tokens"] for i in range(start, stop)]))
         bad = np.nonzero(data[_CHECKSUM] != want)[0] + start

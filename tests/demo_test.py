@@ -59,6 +59,9 @@ def test_every_number_comes_from_the_runs_metrics(ran):
         if r is not results["runs"][0]:
             assert r["diff"] == pytest.approx(diff) and r["diff_se"] == pytest.approx(se)
             assert r["significant"] == (abs(diff) > 2 * se)
+            from scipy import stats
+
+            assert r["p_value"] == pytest.approx(stats.ttest_ind(ppl, base, equal_var=False).pvalue)
             assert ("(significant)" in row) == r["significant"]
     assert results["teacher"]["perplexity"] == pytest.approx(
         statistics.fmean(final_eval(demo.run_dir(str(workdir), n, s))["val/teacher_perplexity"]

@@ -605,3 +605,22 @@ def test_eos_lookup_failures_are_named(tmp_path, llama_dir):
     (path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
         hf.load_hf(path)
+
+
+def test_the_models_declared_eos_comes_before_endoftext(tmp_path):
+    # Qwen2.5-Instruct has "<|endoftext|>" in its vocabulary but ends turns with "<|im_end|>"
+    # (tokenizer_config.json's eos_token): rollouts must stop there.
+    import json as _json
+
+    import tokenizers
+    from tokenizers import models as tok_models
+
+    from kdjax.data import hf_tokenizer
+
+    vocab = {"a": 0, "b": 1, "<|endoftext|>": 2, "<|im_end|>": 3}
+    tok = tokenizers.Tokenizer(tok_models.WordLevel(vocab, unk_token="a"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert hf_tokenizer.load_tokenizer_files(tmp_path).eos_token == "<|endoftext|>"  # nothing declared
+    assert hf_tokenizer.load_tokenizer_files(tmp_path, eos_token_id=3).eos_id == 3  # config.json's id
+    (tmp_path / "tokenizer_config.json").write_text(_json.dumps({"eos_token": "<|im_end|>"}))
+    assert hf_tokenizer.load_tokenizer_files(tmp_path, eos_token_id=2).eos_id == 3  # the tokenizer's own first

@@ -280,3 +280,33 @@ def _run_loop(state, step_fn, ckpt, writer, *, total_steps, clock, log_every=1, 
         )
     finally:
         loop.time.perf_counter = original
+
+
+def test_an_intact_checkpoint_that_does_not_fit_is_an_error_not_moved_aside(tmp_path):
+    # Its bytes match the checksum, but it cannot be restored into this state (another shape): nothing is
+    # damaged, so nothing is moved; the error says so.
+    state = _State(np.int32(2), np.ones(3, np.float32))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=1)
+    ckpt.save(2, state, {}, force=True)
+    ckpt.close()
+    other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                         _State(np.int32(0), np.ones(5, np.float32)))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=1)
+    with pytest.raises(checkpoint.CheckpointError, match="matches its checksum but cannot be restored"):
+        ckpt.restore(other)
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_a_torn_metrics_line_does_not_block_the_resume(tmp_path):
+    from kdjax.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), resume_step=0)
+    writer.write(1, {"train/loss": 2.0})
+    writer.write(2, {"train/loss": 1.5})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train/lo')  # killed mid-write
+    writer = MetricsWriter(str(tmp_path), resume_step=2)
+    writer.close()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]

@@ -49,8 +49,10 @@ def _token_content(token) -> Optional[str]:
 def load_tokenizer_files(path: str | os.PathLike, *, eos_token_id=None) -> Tokenizer:
     """The directory's tokenizer.json as a `Tokenizer`, with its EOS token.
 
-    EOS is "<|endoftext|>" when the vocabulary has it, else tokenizer_config.json's `eos_token`, else the
-    token of `eos_token_id` (config.json's; an int or a list whose first entry is used).
+    EOS is tokenizer_config.json's `eos_token`, else the token of `eos_token_id` (config.json's; an int or a
+    list whose first entry is used), else "<|endoftext|>" when the vocabulary has it.  The model's own
+    declaration comes first: Qwen2.5-Instruct has "<|endoftext|>" in its vocabulary but ends its turns with
+    "<|im_end|>", and a rollout that does not stop there trains on text past the end.
 
     Raises FileNotFoundError without tokenizer.json (a slow tokenizer must be converted once), ValueError when
     no EOS can be found.
@@ -63,8 +65,6 @@ def load_tokenizer_files(path: str | os.PathLike, *, eos_token_id=None) -> Token
             "AutoTokenizer.from_pretrained(path).save_pretrained(path)"
         )
     tok = tokenizers.Tokenizer.from_file(file)
-    if tok.token_to_id(EOS) is not None:
-        return Tokenizer(tok)
     eos = None
     tok_config = os.path.join(path, TOKENIZER_CONFIG_FILE)
     if os.path.exists(tok_config):
@@ -73,8 +73,10 @@ def load_tokenizer_files(path: str | os.PathLike, *, eos_token_id=None) -> Token
     if eos is None and eos_token_id is not None:
         eos_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
         eos = tok.id_to_token(eos_id)
+    if eos is None and tok.token_to_id(EOS) is not None:
+        eos = EOS
     if eos is None:
-        raise ValueError(f"{path}: cannot tell the EOS token (no {EOS!r}, no eos_token, no eos_token_id)")
+        raise ValueError(f"{path}: cannot tell the EOS token (no eos_token, no eos_token_id, no {EOS!r})")
     return Tokenizer(tok, eos_token=eos)
 
 
