@@ -253,8 +253,7 @@ def train(config, workdir: str, *, overridden=()) -> dict:
         model_cfg = init.config  # the loaded student's own architecture (validate() refused model.* overrides)
     else:
         model_cfg = run.new_model_config(config.model, vocab_size=vocab, max_len=config.data.seq_len)
-    pretrained.check_model_files(workdir, model_cfg)  # before anything is written
-    run.prepare_workdir(workdir, config)
+    run.prepare_workdir(workdir, config, model_config=model_cfg)
     pretrained.save_model_files(workdir, model_cfg, data.tokenizer)
     print(
         f"student: {model_cfg.num_params() / 1e6:.2f}M parameters"

@@ -34,8 +34,7 @@ def train(config, workdir: str) -> dict:
     data = text_data.load_from_config(config.data)
     print(data.description)
     model_cfg = run.new_model_config(config.model, vocab_size=data.tokenizer.vocab_size, max_len=config.data.seq_len)
-    pretrained.check_model_files(workdir, model_cfg)  # before anything is written
-    run.prepare_workdir(workdir, config)
+    run.prepare_workdir(workdir, config, model_config=model_cfg)
     pretrained.save_model_files(workdir, model_cfg, data.tokenizer)
     print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}")
 

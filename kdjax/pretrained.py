@@ -51,7 +51,7 @@ class ArchitectureMismatchError(ValueError):
 def check_model_files(workdir: str, model_config: TransformerConfig):
     """Raises ArchitectureMismatchError if the work directory's model_config.json describes another model.
 
-    Experiments call it before recording their config (`run.prepare_workdir`), so a refused architecture
+    `run.prepare_workdir(..., model_config=)` calls it before recording the config, so a refused architecture
     change leaves the directory exactly as it was.
     """
     path = os.path.join(workdir, MODEL_CONFIG_FILE)

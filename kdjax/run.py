@@ -3,6 +3,7 @@
     check_positive / check_choice / check_path / ConfigError   validation helpers (before anything is written)
     prepare_workdir(workdir, config)         refuse a work directory that is a file; record the resolved
                                              config, or refuse a resume whose config changes the trajectory
+                                             or (model_config=) the recorded architecture
     new_model_config                         TransformerConfig from config.model and the data
     make_optimizer(config)                   optax AdamW + schedule from the config's keys
     train_iterator(source, config)           this process's share of the global batch, checkpointable
@@ -175,7 +176,7 @@ def config_changes(recorded: dict, current: dict, allow=()) -> list[str]:
     ]
 
 
-def prepare_workdir(workdir: str, config) -> bool:
+def prepare_workdir(workdir: str, config, *, model_config: Optional[TransformerConfig] = None) -> bool:
     """Creates the work directory and records the resolved config in W/config.json; returns whether it
     already held a run.
 
@@ -183,7 +184,9 @@ def prepare_workdir(workdir: str, config) -> bool:
     refused before anything is written, with the differences listed; keys that only change logging,
     saving or the mesh (NON_TRAJECTORY_KEYS) may differ.  A deliberate change (e.g. more steps) is allowed
     with `--config.allow_resume_changes=steps,learning_rate` (or `all`), and is then recorded.
-    Only process 0 writes.
+    With `model_config`, a model_config.json in W that describes another architecture is refused too
+    (`pretrained.check_model_files`), after the config check (whose message names the keys) and before
+    any write.  Only process 0 writes.
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"work directory {workdir!r} exists and is a file, not a directory")
@@ -206,6 +209,8 @@ def prepare_workdir(workdir: str, config) -> bool:
             print(f"note: {workdir}: resuming with allowed config changes; recording the new config")
     elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         print(f"note: {workdir} has checkpoints but no {CONFIG_FILE} (an older kdjax): recording this config")
+    if model_config is not None:
+        pretrained.check_model_files(workdir, model_config)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         hostio.write_json_atomically(path, current)

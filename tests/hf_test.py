@@ -84,8 +84,11 @@ def qwen_tokenizer():
 # ---------------------------------------------------------------------------------------------------------
 # HF -> kdjax
 
+# A real checkpoint's config.json declares its tokenizer's EOS (id 0 here; Llama's default would be 2), and
+# the loader takes the model's declaration first.
 common = dict(
-    vocab_size=V, num_hidden_layers=2, hidden_size=32, intermediate_size=64, max_position_embeddings=32
+    vocab_size=V, num_hidden_layers=2, hidden_size=32, intermediate_size=64, max_position_embeddings=32,
+    bos_token_id=0, eos_token_id=0,
 )
 HF_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
