@@ -21,13 +21,13 @@ Prints a markdown table; the machine's load is printed with it because the numbe
 import argparse
 import functools
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.distillspec import best_times as timed
+from experiments.distillspec import forward_cost
 from kdjax import specdec
 from kdjax.models import sampling
 from kdjax.models.transformer import Transformer, TransformerConfig
@@ -53,38 +53,6 @@ def make_pair(*, vocab, target_layers, target_dim, draft_layers, draft_dim, max_
     target, n_target = build(target_layers, target_dim, 64, seed)
     draft, n_draft = build(draft_layers, draft_dim, 32, seed + 1)
     return target, draft, n_target, n_draft
-
-
-def timed(fns, *, repeats):
-    """Best wall time of each zero-argument fn over `repeats` rounds, run round-robin after one warm-up
-    (compile) call each, so that a change of the machine's load hits every contender alike.  The minimum,
-    not the median, because on a shared machine the noise only ever adds time."""
-    outs = [jax.block_until_ready(fn()) for fn in fns]
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times], outs
-
-
-def forward_cost(model_pair, *, tokens, position, repeats):
-    """Time of one cached forward of `tokens` tokens over one of 1 token, both at `position` (batch 1)."""
-    graphdef, params = model_pair
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def forward(t, params, cache):
-        model = nnx.merge(graphdef, params)
-        index = jnp.full((1,), position, jnp.int32)
-        return model.forward_cached(jnp.zeros((1, t), jnp.int32), cache, index)[0]
-
-    cache = nnx.merge(graphdef, params).init_cache(1, 2 * position + tokens)
-    (one, many), _ = timed(
-        [functools.partial(forward, 1, params, cache), functools.partial(forward, tokens, params, cache)],
-        repeats=4 * repeats,
-    )
-    return many / one
 
 
 def run(*, vocab, target_layers, target_dim, draft_layers, draft_dim, prompt_len, new_tokens, gammas, repeats):

@@ -17,6 +17,7 @@ and the weight interpolation theta(kappa) between the beta = 0 student and the b
 Formulas and a measured table: docs/cfg_distill.md.
 """
 
+import hashlib
 import json
 import os
 import resource
@@ -492,8 +493,6 @@ def _cached(workdir, name, key, fn):
     """The metrics recorded for `key` (the evaluation settings, the params' fingerprint, gamma) in
     W/eval/<sha256(key)>.json, else fn(), recorded: a killed evaluation resumes, and a model whose params are
     bitwise another's (interpolation at kappa = 0 or 1) reuses its samples' metrics."""
-    import hashlib  # pylint: disable=g-import-not-at-top
-
     path = os.path.join(workdir, "eval", hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
     if os.path.exists(path) and hostio.read_json(path).get("key") == key:
         return hostio.read_json(path)["metrics"]

@@ -108,9 +108,12 @@ def config_help(path: str, arg=None) -> str:
 
 def enable_compilation_cache(path: str):
     """JAX's persistent compilation cache in `path`: a program compiled once (e.g. by the first of several
-    seeds, or by an earlier run) is loaded instead of compiled again."""
+    seeds, or by an earlier run) is loaded instead of compiled again.  A cache directory already chosen in
+    the environment (JAX_COMPILATION_CACHE_DIR, e.g. the test suite's shared one) wins over `path`."""
     import jax  # pylint: disable=g-import-not-at-top
 
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

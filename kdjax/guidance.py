@@ -35,6 +35,7 @@ Shapes: b sequences (= n prompts x g generations, prompt-major), t time, v vocab
 """
 
 import functools
+import hashlib
 from typing import Any, Sequence
 
 import jax
@@ -347,8 +348,6 @@ def above_curve(point: tuple[float, float], curve: Sequence[tuple[float, float]]
 
 def tree_fingerprint(tree: Any) -> str:
     """A short sha256 of a pytree's leaf values (host), e.g. to record which teacher a student came from."""
-    import hashlib  # pylint: disable=g-import-not-at-top
-
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
         a = np.ascontiguousarray(jax.device_get(leaf))

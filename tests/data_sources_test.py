@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import lm_distill as distill_config
 from configs import precompute_teacher as precompute_config
@@ -419,30 +418,9 @@ def test_configs_without_the_new_keys_still_load(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def shared_compilations(tmp_path_factory):
-    """A persistent compilation cache while this module's end-to-end runs execute, restored after.
-
-    The four runs compile identical programs (same tiny models, vocabulary and batch shapes; only the
-    text differs), so runs 2-4 load run 1's executables: measured ~6 s instead of ~40 s per run.
-    """
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax-cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    before = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # whether the cache is used is decided once per process
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_precompute_and_distill_run_on_the_corpus(tmp_path, kind, shared_compilations):
+def test_precompute_and_distill_run_on_the_corpus(tmp_path, kind):
+    # The four runs compile identical programs; the suite's persistent cache (conftest.py) loads run 1's.
     name, options, _ = write_source(kind, tmp_path / "data", make_docs(40, seed=10))
     pc = precompute_config.get_config("tiny")  # a random tiny teacher
     pc.data.corpus, pc.data.cache_dir = name, str(tmp_path / "cache")

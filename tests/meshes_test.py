@@ -94,7 +94,7 @@ def _spec(x):
 @pytest.mark.parametrize(
     "shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)], ids=lambda s: "data%d-fsdp%d-tensor%d" % s
 )
-def test_mesh_equals_single_device(shape, capfd):
+def test_mesh_equals_single_device(shape, capfd, no_compilation_cache):
     mesh_shape = dict(zip(sharding.MESH_AXES, shape))
     ref, init = reference()
     state, _ = run(mesh_shape)
@@ -154,7 +154,7 @@ def compiled_memory(mesh, *, chunk_size):
     return analysis.argument_size_in_bytes, analysis.temp_size_in_bytes
 
 
-def test_pure_fsdp_gathers_weights_and_divides_memory(capfd):
+def test_pure_fsdp_gathers_weights_and_divides_memory(capfd, no_compilation_cache):
     """(1, 8, 1): no "Involuntary full rematerialization" while XLA partitions the step (its warning goes to
     the process's stderr, file descriptor 2, which capfd captures), and per-device state + temporaries are
     at most 1/6 of the 1-device step's (issue 18's target; 1/8 is the ideal, the gathered layer's weights and
