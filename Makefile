@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: install demo test bench diffusion clean
+.PHONY: install demo test bench diffusion distillspec cfg_distill clean
 
 install: $(STAMP)
 
@@ -37,6 +37,16 @@ diffusion: $(STAMP)
 	$(PY) -m experiments.guided_distill --config configs/guided_distill.py:2d --workdir workdirs/diffusion/2d
 	$(PY) -m experiments.guided_distill --config configs/guided_distill.py:digits --workdir workdirs/diffusion/digits
 	$(PY) -m benchmarks.diffusion_summary --mixture workdirs/diffusion/2d --digits workdirs/diffusion/digits
+
+# DistillSpec: target (the demo's teacher embedded at a real target's size), raw and distilled drafts,
+# speculative decoding measured (docs/distillspec.md); reuses the `make demo` teacher when it exists
+distillspec: $(STAMP)
+	$(PY) -m experiments.distillspec --config configs/distillspec.py --workdir workdirs/distillspec
+
+# Diversity-rewarded CFG distillation for LMs: conditional teacher, classifier, students, interpolation
+# (docs/cfg_distill.md)
+cfg_distill: $(STAMP)
+	$(PY) -m experiments.cfg_distill --config configs/cfg_distill.py --workdir workdirs/cfg_distill
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.distillspec import best_times as timed
-from experiments.distillspec import forward_cost
 from kdjax import specdec
+from kdjax.timing import best_times as timed
+from kdjax.timing import forward_cost
 from kdjax.models import sampling
 from kdjax.models.transformer import Transformer, TransformerConfig
 

@@ -149,6 +149,6 @@ def get_config(arg=None):
         )
         e = config.eval
         e.num_prompts, e.prompt_len, e.new_tokens = 4, 8, 12
-        e.gammas, e.lenience, e.lossy_gamma = (1, 3), (1.0, 0.5), 3
-        e.timing_prompts, e.timing_repeats, e.timing_gammas = 1, 1, (3,)
+        e.gammas, e.lenience, e.lossy_gamma = (2,), (1.0, 0.5), 2
+        e.timing_prompts, e.timing_repeats, e.timing_gammas = 1, 1, (2,)
     return config

@@ -15,7 +15,6 @@ Stages (each reuses its finished output, so a second run only re-tabulates):
      of the difference (Welch, seeds as samples).  Whatever the numbers say is what the tables show.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -39,12 +38,12 @@ def slug(name):
 def teacher_dir(config, workdir):
     """Where the teacher lives: the user cache keyed by the teacher's config and the corpus fingerprint,
     or W/teacher when teacher_cache_dir is empty."""
+    default = os.path.join(workdir, "teacher")
     if not config.teacher_cache_dir:
-        return os.path.join(workdir, "teacher")
-    data = text_data.load_from_config(config.teacher.data)
-    key = json.dumps([run.trajectory_config(config.teacher), data.corpus_fingerprint], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(os.path.expanduser(config.teacher_cache_dir), f"teacher-{digest}")
+        return default
+    fingerprint = text_data.load_from_config(config.teacher.data).corpus_fingerprint
+    return run.keyed_model_dir(config.teacher_cache_dir, config.teacher, corpus_fingerprint=fingerprint,
+                               default=default)
 
 
 def store_config(config, teacher):

@@ -32,8 +32,6 @@ last checkpoint; a changed config is refused by the stage's W/<stage>/config.jso
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import re
 import sys
@@ -49,7 +47,7 @@ from ml_collections import config_flags
 
 from configs import distillspec as ds_config
 from experiments import lm_distill, lm_pretrain
-from kdjax import checkpoint, cli, distill, hostio, losses, pretrained, run, sharding, specdec
+from kdjax import checkpoint, cli, distill, hostio, losses, pretrained, run, sharding, specdec, timing
 from kdjax.data import hf_tokenizer
 from kdjax.data import text as text_data
 from kdjax.models import sampling
@@ -203,12 +201,11 @@ def base_dir(config, workdir):
     """Where stage 1 trains the base LM: the user cache keyed by its config and the corpus fingerprint (the
     key `experiments.demo.teacher_dir` uses, so the demo's teacher is this base and a changed config trains a
     new one), or W/base when base_cache_dir is empty."""
+    default = os.path.join(workdir, "base")
     if not config.base_cache_dir:
-        return os.path.join(workdir, "base")
-    data = text_data.load_from_config(config.base.data)
-    key = json.dumps([run.trajectory_config(config.base), data.corpus_fingerprint], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(os.path.expanduser(config.base_cache_dir), f"teacher-{digest}")
+        return default
+    fingerprint = text_data.load_from_config(config.base.data).corpus_fingerprint
+    return run.keyed_model_dir(config.base_cache_dir, config.base, corpus_fingerprint=fingerprint, default=default)
 
 
 def stage(path, stage_config, fn, *, final_step=None):
@@ -529,38 +526,6 @@ def acceptance_table(config, target, drafts, prompts, keys):
 # Stage 3: wall clock at batch 1.
 
 
-def best_times(fns, *, repeats):
-    """Best wall time of each zero-argument fn over `repeats` round-robin rounds after one warm-up (compile)
-    call each, so a change of the machine's load hits every contender alike; the minimum, because on a
-    shared machine noise only ever adds time.  Returns (times, the warm-up calls' outputs)."""
-    outs = [jax.block_until_ready(fn()) for fn in fns]
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times], outs
-
-
-def forward_cost(model_pair, *, tokens, position, repeats):
-    """Time of one cached forward of `tokens` tokens over one of 1 token, both at `position` (batch 1)."""
-    graphdef, params = model_pair
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def forward(t, params, cache):
-        model = nnx.merge(graphdef, params)
-        index = jnp.full((1,), position, jnp.int32)
-        return model.forward_cached(jnp.zeros((1, t), jnp.int32), cache, index)[0]
-
-    cache = nnx.merge(graphdef, params).init_cache(1, 2 * position + tokens)
-    (one, many), _ = best_times(
-        [functools.partial(forward, 1, params, cache), functools.partial(forward, tokens, params, cache)],
-        repeats=4 * repeats,
-    )
-    return many / one
-
-
 @functools.lru_cache(maxsize=None)
 def _jit_sample(graphdef, new_tokens, temperature):
     # One jitted function per model and setting, so that every timing round reuses its compiled program.
@@ -605,7 +570,7 @@ def speed_round(target, drafts, prompts, keys, settings, *, temperature, new_tok
             fns.append(_spec_fn(target, draft, prompts, keys, new_tokens=new_tokens, gamma=gamma,
                                 temperature=temperature, lenience=eps))
             labels.append((name, gamma, eps))
-    times, outs = best_times(fns, repeats=repeats)
+    times, outs = timing.best_times(fns, repeats=repeats)
     tokens = len(prompts) * new_tokens
     rows = []
     for (name, gamma, eps), t, out in zip(labels, times[1:], outs[1:]):
@@ -626,14 +591,14 @@ def speed_table(config, target, drafts, prompts, keys):
     prompts, keys = prompts[:e.timing_prompts], keys[:e.timing_prompts]
     n, reps, tokens = e.new_tokens, e.timing_repeats, e.timing_prompts * e.new_tokens
     first = next(iter(drafts.values()))
-    (t_target, t_draft), _ = best_times([_sample_fn(target, prompts, keys, new_tokens=n, temperature=0.0),
+    (t_target, t_draft), _ = timing.best_times([_sample_fn(target, prompts, keys, new_tokens=n, temperature=0.0),
                                          _sample_fn(first, prompts, keys, new_tokens=n, temperature=0.0)],
                                         repeats=reps)
     position = e.prompt_len + n // 2
     costs = {"c": t_draft / t_target, "target_ms_per_token": 1e3 * t_target / tokens,
              "draft_ms_per_token": 1e3 * t_draft / tokens,
-             "d2": forward_cost(first, tokens=2, position=position, repeats=reps),
-             "v": {g: forward_cost(target, tokens=g + 1, position=position, repeats=reps)
+             "d2": timing.forward_cost(first, tokens=2, position=position, repeats=reps),
+             "v": {g: timing.forward_cost(target, tokens=g + 1, position=position, repeats=reps)
                    for g in sorted(set(e.timing_gammas) | {e.lossy_gamma})}}
     print(f"   c = {costs['c']:.3f} (target {costs['target_ms_per_token']:.2f} ms/token, draft "
           f"{costs['draft_ms_per_token']:.3f}); v = " + ", ".join(f"{g}: {v:.2f}" for g, v in costs["v"].items()))

@@ -9,6 +9,7 @@
     train_iterator(source, config)           this process's share of the global batch, checkpointable
     eval_batches(source, config)             this process's rows of the validation set, padded
     fit(...)                                 init-or-restore, the train loop, metrics, checkpoints; closes all
+    keyed_model_dir(cache_dir, config, ...)  a model shared between runs, keyed by its config and corpus
     timed_once(workdir, fn)                  fn() with its first completed run's wall time kept in W
 
 An experiment reads: validate -> load data and models -> prepare_workdir -> build the step -> fit.  Nothing
@@ -16,6 +17,7 @@ is written to the work directory before prepare_workdir, which runs only after v
 config leaves the directory as it was.
 """
 
+import hashlib
 import json
 import os
 from typing import Any, Callable, Optional
@@ -331,6 +333,17 @@ def fit(
         ckpt.close()
         if writer is not None:
             writer.close()
+
+
+def keyed_model_dir(cache_dir: str, model_config, *, corpus_fingerprint: str, default: str) -> str:
+    """Where a model trained once and shared between runs lives: `cache_dir`/teacher-<key>, the key a sha256
+    of its trajectory config (`trajectory_config`) and the corpus fingerprint, so a changed config or corpus
+    never reuses a stale model; `default` (e.g. W/teacher) when `cache_dir` is empty."""
+    if not cache_dir:
+        return default
+    key = json.dumps([trajectory_config(model_config), corpus_fingerprint], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser(cache_dir), f"teacher-{digest}")
 
 
 def timed_once(workdir: str, fn: Callable):

@@ -46,3 +46,10 @@ def no_compilation_cache():
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput") and os.environ.get("JAX_COMPILATION_CACHE_DIR") == _CACHE_DIR:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)  # the controller, after every worker has finished
+
+
+def pytest_collection_modifyitems(config, items):
+    """The notebooks last: they run the experiments' tiny configs again, so by then the persistent cache
+    holds most of their programs (compiled by the experiments' own tests)."""
+    del config
+    items.sort(key=lambda item: os.path.basename(str(item.fspath)) == "colabs_test.py")  # stable: order kept

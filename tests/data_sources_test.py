@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 import pyarrow as pa

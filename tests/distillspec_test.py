@@ -3,6 +3,7 @@
 import contextlib
 import inspect
 import io
+import json
 import os
 import shutil
 import signal
@@ -41,14 +42,27 @@ def _overrides(cache):
             "--config.base.checkpoint_every=2"]
 
 
+def launch(workdir, cache, *extra):
+    """The experiment's command on one CPU device (as the notebook runs it, so that it loads these programs
+    from the suite's compilation cache)."""
+    cmd = [sys.executable, "-m", "experiments.distillspec", "--config", "configs/distillspec.py:tiny",
+           "--workdir", workdir, *_overrides(cache), *extra]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc):
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """The :tiny experiment, killed during stage 1 (the base LM) and rerun to the end in this process."""
+    """The :tiny experiment, SIGKILLed during stage 1 (the base LM), then rerun to the end."""
     cache = str(tmp_path_factory.mktemp("cache"))
     workdir = str(tmp_path_factory.mktemp("ds") / "w")
-    cmd = [sys.executable, "-m", "experiments.distillspec", "--config", "configs/distillspec.py:tiny",
-           "--workdir", workdir, *_overrides(cache), "--config.base.debug_sleep_per_step=0.5"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch(workdir, cache, "--config.base.debug_sleep_per_step=0.5")
     ckpts, deadline = os.path.join(workdir, "base", "checkpoints"), time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(ckpts) and "2" in os.listdir(ckpts):
@@ -58,11 +72,10 @@ def finished(tmp_path_factory):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
-    config = tiny_config(cache)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        results = distillspec.run_all(config, workdir, command="test")
-    return dict(workdir=workdir, cache=cache, config=config, results=results, log=log.getvalue(), killed_at=killed_at)
+    log = finish(launch(workdir, cache))
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    return dict(workdir=workdir, cache=cache, config=tiny_config(cache), results=results, log=log,
+                killed_at=killed_at)
 
 
 def test_a_killed_stage_resumes_and_a_rerun_reuses_every_finished_stage(finished):
@@ -130,7 +143,8 @@ def test_results_tables_and_plots(finished):
         assert os.path.getsize(os.path.join(w, name)) > 0, name
     e = config.eval
     names = ["raw"] + [row[0] for row in config.runs]
-    assert list(r["drafts"]) == names
+    assert sorted(r["drafts"]) == sorted(names)  # (results.json's keys are sorted)
+    assert [x["draft"] for x in r["acceptance"] if x["lenience"] == 1.0][0] == "raw"  # the baseline first
     exact = [x for x in r["acceptance"] if x["lenience"] == 1.0]
     assert {(x["draft"], x["gamma"], x["temperature"]) for x in exact} == {
         (n, g, t) for n in names for g in e.gammas for t in e.temperatures}
@@ -152,13 +166,13 @@ def test_results_tables_and_plots(finished):
 
 
 def test_eval_only_on_two_work_directories_reproduces_the_experiments_acceptance(finished, tmp_path):
-    w, config = finished["workdir"], finished["config"].copy_and_resolve_references()
+    w, config = finished["workdir"], finished["config"]
     head = distillspec.slug(config.runs[0][0])
-    config.target_workdir = os.path.join(w, "target")
-    config.eval.drafts = f"raw={os.path.join(w, 'raw')},head={os.path.join(w, head)}"
-    with contextlib.redirect_stdout(io.StringIO()):
-        out = distillspec.run_all(config, str(tmp_path / "eval"), eval_only=True, command="test")
-    assert list(out["drafts"]) == ["raw", "head"]
+    finish(launch(str(tmp_path / "eval"), finished["cache"], "--eval_only",
+                  f"--config.target_workdir={os.path.join(w, 'target')}",
+                  f"--config.eval.drafts=raw={os.path.join(w, 'raw')},head={os.path.join(w, head)}"))
+    out = json.load(open(tmp_path / "eval" / "results.json"))
+    assert sorted(out["drafts"]) == ["head", "raw"]
     rename = {"raw": "raw", config.runs[0][0]: "head"}
     want = [{**x, "draft": rename[x["draft"]]} for x in finished["results"]["acceptance"]
             if x["draft"] in rename and x["lenience"] == 1.0]
