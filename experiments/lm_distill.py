@@ -227,6 +227,7 @@ def make_evaluator(config, spec, teacher, eval_source, eval_sh, teacher_sh, mesh
         batch_shardings=eval_sh,
         mesh=mesh,
         frozen_shardings=teacher_sh,
+        rules=tuple(config.sharding_rules),
     )
 
     def run_eval(params):
@@ -282,6 +283,7 @@ def train(config, workdir: str, *, overridden=()) -> dict:
         frozen_shardings=teacher_sh if train_uses_teacher else None,
         accum_steps=config.accum_steps,
         extra_update=distill.make_taid_update(total_steps=config.steps, **config.taid.to_dict()) if taid else None,
+        rules=tuple(config.sharding_rules),
     )
     run_eval = make_evaluator(config, spec, teacher, eval_source, eval_sh, teacher_sh, mesh)
     state, val = run.fit(

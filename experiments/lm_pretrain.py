@@ -55,6 +55,7 @@ def train(config, workdir: str) -> dict:
         batch_shardings=batch_sh,
         mesh=mesh,
         accum_steps=config.accum_steps,
+        rules=rules,
     )
     eval_step = steps.jit_eval_step(
         graphdef=spec.graphdef,
@@ -62,6 +63,7 @@ def train(config, workdir: str) -> dict:
         params_shardings=spec.shardings.params,
         batch_shardings=eval_sh,
         mesh=mesh,
+        rules=rules,
     )
 
     def run_eval(params):

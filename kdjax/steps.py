@@ -330,8 +330,14 @@ def jit_train_step(
     frozen_shardings=None,
     accum_steps=1,
     extra_update=None,
+    rules=None,
 ):
-    """`train_step` jitted with explicit in/out shardings; the state is donated (updated in place)."""
+    """`train_step` jitted with explicit in/out shardings; the state is donated (updated in place).
+
+    With `rules` (the config's logical-axis rules, activation names included) the step is traced under
+    `sharding.with_activation_sharding`, so the model's activation constraints apply (pure FSDP then gathers
+    each layer's weights instead of resharding activations); without, they are no-ops.
+    """
     step = functools.partial(
         train_step,
         graphdef=graphdef,
@@ -340,6 +346,8 @@ def jit_train_step(
         accum_steps=accum_steps,
         extra_update=extra_update,
     )
+    if rules is not None:
+        step = sharding_lib.with_activation_sharding(step, mesh, rules)
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
@@ -348,8 +356,12 @@ def jit_train_step(
     )
 
 
-def jit_eval_step(*, graphdef, metrics_fn, params_shardings, batch_shardings, mesh, frozen_shardings=None):
+def jit_eval_step(*, graphdef, metrics_fn, params_shardings, batch_shardings, mesh, frozen_shardings=None,
+                  rules=None):
+    """`eval_step` jitted with explicit shardings; `rules` as in `jit_train_step`."""
     step = functools.partial(eval_step, graphdef=graphdef, metrics_fn=metrics_fn)
+    if rules is not None:
+        step = sharding_lib.with_activation_sharding(step, mesh, rules)
     return jax.jit(
         step,
         in_shardings=(params_shardings, batch_shardings, frozen_shardings),

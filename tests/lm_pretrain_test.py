@@ -149,3 +149,19 @@ def test_load_workdir_restores_final_params_only(uninterrupted):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     logits = loaded.model()(np.zeros((2, 5), np.int32))
     assert logits.shape == (2, 5, loaded.config.vocab_size)
+
+
+def test_fsdp_run_applies_the_activation_constraints(cache, tmp_path):
+    """The experiment traces its steps with the config's activation rules: on a data x FSDP mesh (2, 4, 1) XLA
+    then gathers weights instead of replicating activations, so it logs no involuntary rematerialization
+    (without the rules the embedding lookup from a table split on `embed` logs it).  The run's own compile
+    log, in a fresh process with the persistent cache off so that every program is compiled."""
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    cmd = [sys.executable, "-m", "experiments.lm_pretrain", "--config", "configs/lm_pretrain.py:tiny",
+           "--workdir", str(tmp_path / "w"), f"--config.data.cache_dir={cache}", "--config.steps=2",
+           "--config.warmup_steps=1", "--config.eval_every=2", "--config.checkpoint_every=2", "--config.mesh.data=2",
+           "--config.mesh.fsdp=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in proc.stdout
+    assert "Involuntary full rematerialization" not in proc.stdout + proc.stderr
