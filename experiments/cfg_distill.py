@@ -50,24 +50,11 @@ CLASSIFIER_CONFIG_FILE = "classifier_config.json"
 # Validation and the stages' own configs.
 
 
-class _Prefixed:
-    """A Problems view that prefixes every message with a stage name."""
-
-    def __init__(self, problems, prefix):
-        self.p, self.prefix = problems, prefix
-
-    def check(self, ok, message):
-        self.p.check(ok, f"{self.prefix}: {message}")
-
-    def add(self, message):
-        self.p.add(f"{self.prefix}: {message}")
-
-
 def validate(config):
     """Every check that needs no data or model, before anything is read or written."""
     with run.Problems("cfg_distill config") as p:
         for name in ("teacher", "classifier", "student"):
-            run.check_common(_Prefixed(p, name), stage_config(config, name))
+            run.check_common(p.prefixed(name), stage_config(config, name))
         p.check(0.0 < config.teacher.p_uncond < 1.0,
                 f"teacher.p_uncond must be in (0, 1) so the teacher learns both distributions, got {config.teacher.p_uncond}")
         p.check(config.data.vocab_size >= 257, f"data.vocab_size must be >= 257, got {config.data.vocab_size}")

@@ -63,7 +63,7 @@ def validate(config):
                 f"stage2.start_steps={s2.start_steps} and min_steps={s2.min_steps} must be powers of two with "
                 "min_steps < start_steps (each stage halves N)")
         for name in ("stage1", "stage2"):
-            p.run(run.check_common, _ProblemsProxy(p, name), stage_run_config(config, name))
+            p.run(run.check_common, p.prefixed(name), stage_run_config(config, name))
             weighting = config[name].get("weighting")
             p.check(weighting in diffusion.WEIGHTINGS,
                     f"{name}.weighting={weighting!r}; expected one of {diffusion.WEIGHTINGS}")
@@ -76,19 +76,6 @@ def validate(config):
             p.check(config.w_min <= w <= config.w_max, f"eval.ws has w={w}, outside [w_min, w_max]")
         p.check(config.eval.num_samples >= 2 * config.eval.precision_recall_k + 2, "eval.num_samples is too small")
         p.run(sharding.make_mesh, config.mesh)
-
-
-class _ProblemsProxy:
-    """Prefixes a stage's problems with its name."""
-
-    def __init__(self, problems, prefix):
-        self.p, self.prefix = problems, prefix
-
-    def check(self, ok, message):
-        self.p.check(ok, f"{self.prefix}: {message}")
-
-    def add(self, message):
-        self.p.add(f"{self.prefix}: {message}")
 
 
 def stage_run_config(config, stage: str, **identity):

@@ -66,10 +66,16 @@ class Problems:
     """Collects config problems so that one run reports all of them: `with Problems() as p: p.check(...)`."""
 
     def __init__(self, what: str = "config"):
-        self.what, self.items = what, []
+        self.what, self.items, self.prefix = what, [], ""
 
     def add(self, message: str):
-        self.items.append(message)
+        self.items.append(self.prefix + message)
+
+    def prefixed(self, name: str) -> "Problems":
+        """A view whose problems land in this collection as "<name>: <message>" (e.g. one stage's config)."""
+        view = Problems(self.what)
+        view.items, view.prefix = self.items, f"{self.prefix}{name}: "
+        return view
 
     def check(self, ok: bool, message: str):
         if not ok:
